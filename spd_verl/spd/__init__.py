@@ -1,0 +1,11 @@
+"""Judge-in-the-loop speculative decoding engine (no verl imports)."""
+
+from .engine import DecisionRecord, SDResult, SpeculativeDecoder, decision_tensors
+from .policies import (FEATURE_NAMES, NUM_FEATURES, AcceptAll, BernoulliPolicy, DecisionContext, Policy, RejectAll,
+                       TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
+
+__all__ = [
+    "SpeculativeDecoder", "SDResult", "DecisionRecord", "decision_tensors", "Policy", "DecisionContext",
+    "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy",
+    "FEATURE_NAMES", "NUM_FEATURES",
+]

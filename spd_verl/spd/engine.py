@@ -1,0 +1,332 @@
+"""Batched judge-in-the-loop speculative decoding (DESIGN.md §3). No verl imports.
+
+Per block and per active row: the draft proposes γ tokens (γ draft forwards on its cache), the
+target verifies them in one forward, the judge (if the policy needs it) scores the block in one
+forward on its own cache, and a walk keeps draft tokens up to the first rejected mismatch, then
+emits the target's token there (or the bonus token when the whole block is kept). Caches are
+rolled back by invalidating slots (see cache.py), so rows may diverge freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import SlotCache
+from .policies import NUM_FEATURES, DecisionContext, Policy, RejectAll
+
+
+@dataclass
+class DecisionRecord:
+    """Every decision (mismatch reached by the walk) of one sequence, in response order."""
+
+    positions: list[int] = field(default_factory=list)
+    draft_tokens: list[int] = field(default_factory=list)
+    target_tokens: list[int] = field(default_factory=list)
+    actions: list[int] = field(default_factory=list)  # 1 accept / 0 reject
+    logits: list[float] = field(default_factory=list)  # judge logits (NaN when no judge ran)
+    features: list[list[float]] = field(default_factory=list)  # [n, 4], see FEATURE_NAMES
+    target_forwards: int = 0
+
+    @property
+    def mismatches(self) -> int:
+        return len(self.actions)
+
+    @property
+    def accepted_mismatches(self) -> int:
+        return sum(self.actions)
+
+
+@dataclass
+class SDResult:
+    responses: list[list[int]]
+    decisions: list[DecisionRecord]
+    stats: dict
+
+
+def _eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(e) for e in eos_token_id}
+
+
+def _vocab_size(model) -> int:
+    return int(model.config.vocab_size)
+
+
+class SpeculativeDecoder:
+    """Speculative decoding with a judge at every draft/target mismatch.
+
+    Args:
+        draft_model, target_model: causal LMs (Hugging Face interface, ``.config.vocab_size``)
+            sharing one vocabulary. Used frozen, in eval mode.
+        judge: optional ScoringModel (possibly PEFT-wrapped); needed by judge policies.
+        num_speculative_tokens: γ, draft tokens proposed per block.
+        draft_temperature: 0 = greedy draft; > 0 samples (seeded by ``seed``).
+    """
+
+    def __init__(self, draft_model, target_model, judge=None, num_speculative_tokens: int = 4,
+                 draft_temperature: float = 0.0, seed: int | None = None):
+        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens (γ) must be an integer >= 1, got {num_speculative_tokens!r}")
+        vd, vt = _vocab_size(draft_model), _vocab_size(target_model)
+        if vd != vt:
+            raise ValueError(f"draft and target vocabularies differ: draft vocab_size={vd}, target vocab_size={vt}")
+        if judge is not None and _vocab_size(judge) != vt:
+            raise ValueError(f"judge and target vocabularies differ: judge vocab_size={_vocab_size(judge)}, "
+                             f"target vocab_size={vt}")
+        if draft_temperature < 0:
+            raise ValueError(f"draft_temperature must be >= 0, got {draft_temperature}")
+        self.draft, self.target, self.judge = draft_model, target_model, judge
+        self.gamma = num_speculative_tokens
+        self.draft_temperature = float(draft_temperature)
+        self.generator = torch.Generator(device="cpu")
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.device = next(target_model.parameters()).device
+
+    # ------------------------------------------------------------------ helpers
+    def _draft_pick(self, logits: torch.Tensor):
+        """logits [B, V] -> (tokens [B], draft log-prob of those tokens [B])."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.draft_temperature > 0:
+            probs = torch.softmax(logits.float().cpu() / self.draft_temperature, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+        else:
+            tok = logp.argmax(dim=-1)
+        return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+    def _validate(self, prompts, policy, max_new_tokens):
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a spd_verl.spd.Policy, got {type(policy).__name__}")
+        if policy.needs_judge and self.judge is None:
+            raise ValueError(f"policy {policy.name!r} needs a judge but SpeculativeDecoder has judge=None")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: nothing to generate")
+        vocab = _vocab_size(self.target)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            bad = [t for t in p if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+    # ------------------------------------------------------------------ main loop
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], policy: Policy | None = None, max_new_tokens: int = 64,
+                 eos_token_id=None) -> SDResult:
+        policy = RejectAll() if policy is None else policy
+        self._validate(prompts, policy, max_new_tokens)
+        dev, gamma, eos = self.device, self.gamma, _eos_set(eos_token_id)
+        use_judge = policy.needs_judge
+        B = len(prompts)
+        responses: list[list[int]] = [[] for _ in range(B)]
+        records = [DecisionRecord() for _ in range(B)]
+        counters = dict(draft_forwards=0, judge_forwards=0, blocks=0, draft_proposed=0, draft_kept=0, nan_logits=0)
+
+        # Prefill everything but the last prompt token (left-padded); that token is "pending":
+        # the first input of the next forward of every model.
+        L = max(len(p) for p in prompts)
+        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[b, L - len(p):] = True
+        caches = {"draft": SlotCache(self.draft, B, dev), "target": SlotCache(self.target, B, dev)}
+        if use_judge:
+            caches["judge"] = SlotCache(self.judge, B, dev)
+        if L > 1:
+            for c in caches.values():
+                c.forward(ids[:, :-1], valid[:, :-1])
+        pending_target = ids[:, -1].clone()  # [B]
+        draft_pending = ids[:, -1:].clone()  # [B, W] right-padded, W ∈ {1, 2}
+        draft_pending_valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        active = list(range(B))  # batch row -> prompt index
+
+        while active:
+            nb = len(active)
+            counters["blocks"] += 1
+            # 1. Draft γ tokens.
+            out = caches["draft"].forward(draft_pending, draft_pending_valid)
+            last = draft_pending_valid.long().sum(dim=1) - 1
+            logits = out.logits[torch.arange(nb, device=dev), last]
+            drafts, draft_lp = [], []
+            for k in range(gamma):
+                tok, lp = self._draft_pick(logits)
+                drafts.append(tok)
+                draft_lp.append(lp)
+                if k < gamma - 1:
+                    out = caches["draft"].forward(tok[:, None], torch.ones(nb, 1, dtype=torch.bool, device=dev))
+                    logits = out.logits[:, -1]
+            counters["draft_forwards"] += gamma
+            d = torch.stack(drafts, dim=1)  # [nb, γ]
+            d_lp = torch.stack(draft_lp, dim=1)
+
+            # 2. Verify: one target forward over [pending, d_1..d_γ].
+            block = torch.cat([pending_target[:, None], d], dim=1)  # [nb, γ+1]
+            block_valid = torch.ones_like(block, dtype=torch.bool)
+            t_start = caches["target"].length
+            t_logp = torch.log_softmax(caches["target"].forward(block, block_valid).logits.float(), dim=-1)
+            t = t_logp.argmax(dim=-1)  # [nb, γ+1]; t[:, j] = target's choice for draft position j
+            mismatch = d != t[:, :gamma]
+            features = torch.stack([
+                t_logp[:, :gamma].gather(2, d[..., None]).squeeze(-1),
+                t_logp[:, :gamma].gather(2, t[:, :gamma, None]).squeeze(-1),
+                -(t_logp[:, :gamma].exp() * t_logp[:, :gamma]).sum(-1),
+                d_lp,
+            ], dim=-1)  # [nb, γ, 4]
+
+            # 3. Judge: one forward over the same block (its cache must follow the target's).
+            judge_logits = None
+            if use_judge:
+                cand_d = torch.cat([torch.zeros_like(d[:, :1]), d], dim=1)
+                cand_t = torch.cat([torch.zeros_like(d[:, :1]), t[:, :gamma]], dim=1)
+                cand_f = torch.cat([torch.zeros_like(features[:, :1]), features], dim=1)
+                jo = caches["judge"].forward(block, block_valid, draft_tokens=cand_d, target_tokens=cand_t,
+                                             features=cand_f)
+                judge_logits = jo.logits[:, 1:].float()  # [nb, γ]
+                counters["judge_forwards"] += 1
+
+            # 4. Decide every mismatch of the block at once, then walk.
+            accept = torch.zeros_like(mismatch)
+            mm_rows, mm_cols = mismatch.nonzero(as_tuple=True)
+            if mm_rows.numel():
+                lg = judge_logits[mm_rows, mm_cols] if use_judge else None
+                prefixes = None
+                if policy.needs_prefix:
+                    prefixes = [prompts[active[r]] + responses[active[r]] + d[r, :c].tolist()
+                                for r, c in zip(mm_rows.tolist(), mm_cols.tolist())]
+                ctx = DecisionContext(
+                    rows=torch.tensor([active[r] for r in mm_rows.tolist()], dtype=torch.long),
+                    positions=torch.tensor([len(responses[active[r]]) + c
+                                            for r, c in zip(mm_rows.tolist(), mm_cols.tolist())], dtype=torch.long),
+                    draft_tokens=d[mm_rows, mm_cols], target_tokens=t[mm_rows, mm_cols],
+                    logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes)
+                acc = policy.decide(ctx).to(dev).bool()
+                if acc.shape != mm_rows.shape:
+                    raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "
+                                     f"{mm_rows.numel()} mismatches")
+                if lg is not None:
+                    nan = torch.isnan(lg)
+                    counters["nan_logits"] += int(nan.sum())
+                    acc = acc & ~nan  # a NaN logit is never an accept
+                accept[mm_rows, mm_cols] = acc
+            reject = mismatch & ~accept
+            r = torch.where(reject.any(dim=1), reject.float().argmax(dim=1), torch.full_like(reject[:, 0], gamma,
+                                                                                            dtype=torch.long))
+
+            # 5. Emit per row; record the decisions the walk reached.
+            r_list, d_list, t_list = r.tolist(), d.tolist(), t.tolist()
+            mm_list, acc_list = mismatch.tolist(), accept.tolist()
+            lg_list = judge_logits.tolist() if use_judge else None
+            f_list = features.tolist()
+            done = []
+            for i, b in enumerate(active):
+                ri = r_list[i]
+                emitted = d_list[i][:ri] + [t_list[i][ri]]
+                room = max_new_tokens - len(responses[b])
+                cut = min(len(emitted), room)
+                for j, tok in enumerate(emitted[:cut]):
+                    if tok in eos:
+                        cut = j + 1
+                        break
+                rec = records[b]
+                rec.target_forwards += 1
+                base = len(responses[b])
+                for j in range(min(ri + 1, gamma, cut)):
+                    if mm_list[i][j]:
+                        rec.positions.append(base + j)
+                        rec.draft_tokens.append(d_list[i][j])
+                        rec.target_tokens.append(t_list[i][j])
+                        rec.actions.append(int(acc_list[i][j]))
+                        rec.logits.append(lg_list[i][j] if use_judge else float("nan"))
+                        rec.features.append(f_list[i][j])
+                responses[b].extend(emitted[:cut])
+                counters["draft_proposed"] += gamma
+                counters["draft_kept"] += min(ri, cut)
+                if cut < len(emitted) or len(responses[b]) >= max_new_tokens or (cut and emitted[cut - 1] in eos):
+                    done.append(i)
+
+            # 6. Roll back caches to the kept prefix, set the next pending tokens, drop finished rows.
+            caches["target"].invalidate(t_start, r + 1)
+            if use_judge:
+                caches["judge"].invalidate(t_start, r + 1)
+            # The draft fed its W pending columns (right-padded) plus d_1..d_{γ-1}; it keeps the
+            # pending ones and the kept drafts (d_γ was never fed: it becomes pending if kept).
+            width = draft_pending.shape[1]
+            d_start = caches["draft"].length - (width + gamma - 1)
+            caches["draft"].invalidate(d_start, width + torch.clamp(r, max=gamma - 1))
+            t_next = t.gather(1, r[:, None]).squeeze(1)
+            full = r >= gamma
+            if bool(full.any()):
+                draft_pending = torch.stack([torch.where(full, d[:, -1], t_next), t_next], dim=1)
+                draft_pending_valid = torch.stack([torch.ones_like(full), full], dim=1)
+            else:
+                draft_pending = t_next[:, None]
+                draft_pending_valid = torch.ones(nb, 1, dtype=torch.bool, device=dev)
+            pending_target = t_next
+
+            if done:
+                keep = torch.tensor([i for i in range(nb) if i not in set(done)], dtype=torch.long, device=dev)
+                active = [active[i] for i in keep.tolist()]
+                if not active:
+                    break
+                for c in caches.values():
+                    c.select_rows(keep)
+                pending_target = pending_target[keep]
+                draft_pending, draft_pending_valid = draft_pending[keep], draft_pending_valid[keep]
+                if not bool(draft_pending_valid[:, 1:].any()):
+                    draft_pending, draft_pending_valid = draft_pending[:, :1], draft_pending_valid[:, :1]
+            for c in caches.values():
+                c.maybe_compact()
+
+        return SDResult(responses, records, self._stats(responses, records, counters))
+
+    @staticmethod
+    def _stats(responses, records, counters) -> dict:
+        emitted = sum(len(r) for r in responses)
+        forwards = sum(rec.target_forwards for rec in records)
+        mism = sum(rec.mismatches for rec in records)
+        acc = sum(rec.accepted_mismatches for rec in records)
+        return dict(
+            sequences=len(responses), emitted_tokens=emitted, target_forwards=forwards,
+            tau=emitted / max(1, forwards), mismatches=mism, accepted_mismatches=acc,
+            accepted_mismatch_rate=acc / mism if mism else 0.0,
+            draft_acceptance_rate=counters["draft_kept"] / max(1, counters["draft_proposed"]),
+            mean_response_length=emitted / max(1, len(responses)),
+            target_forwards_per_sequence=forwards / max(1, len(responses)),
+            **counters,
+        )
+
+
+def decision_tensors(records: list[DecisionRecord], length: int, num_features: int = NUM_FEATURES) -> dict:
+    """Decision records -> tensors [B, length] aligned with right-padded responses.
+
+    Keys: decision_mask (float 1 at decisions), draft_tokens, target_tokens (long, 0 elsewhere),
+    actions (float), old_logits (float), features [B, length, F].
+    """
+    B = len(records)
+    out = dict(
+        decision_mask=torch.zeros(B, length), draft_tokens=torch.zeros(B, length, dtype=torch.long),
+        target_tokens=torch.zeros(B, length, dtype=torch.long), actions=torch.zeros(B, length),
+        old_logits=torch.zeros(B, length), features=torch.zeros(B, length, num_features),
+    )
+    for b, rec in enumerate(records):
+        if not rec.positions:
+            continue
+        if max(rec.positions) >= length:
+            raise ValueError(f"sequence {b} has a decision at response position {max(rec.positions)} "
+                             f"but the response tensor is only {length} long")
+        pos = torch.tensor(rec.positions, dtype=torch.long)
+        out["decision_mask"][b, pos] = 1.0
+        out["draft_tokens"][b, pos] = torch.tensor(rec.draft_tokens, dtype=torch.long)
+        out["target_tokens"][b, pos] = torch.tensor(rec.target_tokens, dtype=torch.long)
+        out["actions"][b, pos] = torch.tensor(rec.actions, dtype=torch.float)
+        out["old_logits"][b, pos] = torch.tensor(rec.logits, dtype=torch.float)
+        out["features"][b, pos] = torch.tensor(rec.features, dtype=torch.float)
+    return out
