@@ -1,0 +1,175 @@
+import math
+
+import pytest
+import torch
+
+from spd_verl.scoring_model import ScoringModel
+from spd_verl.spd import (AcceptAll, BernoulliPolicy, RejectAll, SpeculativeDecoder, TargetProbPolicy,
+                          ThresholdPolicy, TypicalPolicy)
+from tiny import EOS, greedy, perturbed, random_prompts, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(layers=2, hidden=64, seed=0)
+    return target, perturbed(target, scale=0.006)
+
+
+def _eos_inside(target, prompts):
+    """(row, EOS id, length): a token the target first emits mid-generation for that row."""
+    for i, p in enumerate(prompts):
+        out = greedy(target, p, 40)
+        for k in range(3, 40):
+            if out[k] not in out[:k]:
+                return i, out[k], k + 1
+    raise AssertionError("no usable EOS candidate")
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_reject_all_is_target_greedy(models, gamma, batch):
+    target, draft = models
+    prompts = random_prompts(batch, seed=gamma)
+    row, eos, eos_len = _eos_inside(target, prompts)
+    res = SpeculativeDecoder(draft, target, num_speculative_tokens=gamma).generate(
+        prompts, RejectAll(), max_new_tokens=40, eos_token_id=eos)
+    for p, r in zip(prompts, res.responses):
+        assert r == greedy(target, p, 40, eos)
+    assert res.responses[row][-1] == eos and len(res.responses[row]) == eos_len
+    assert res.stats["accepted_mismatches"] == 0
+    if batch > 1:  # both matches and mismatches were exercised
+        assert 0 < res.stats["draft_acceptance_rate"] < 1
+
+
+def test_reject_all_long_generation_with_cache_compaction(models):
+    target, draft = models
+    prompts = random_prompts(4, seed=11)
+    res = SpeculativeDecoder(draft, target, num_speculative_tokens=4).generate(prompts, RejectAll(),
+                                                                               max_new_tokens=120)
+    for p, r in zip(prompts, res.responses):
+        assert r == greedy(target, p, 120)
+
+
+def test_sampled_draft_still_lossless_and_seeded(models):
+    target, draft = models
+    prompts = random_prompts(3, seed=5)
+    run = lambda: SpeculativeDecoder(draft, target, num_speculative_tokens=3, draft_temperature=1.0,
+                                     seed=123).generate(prompts, AcceptAll(), max_new_tokens=20)
+    assert run().responses == run().responses
+    res = SpeculativeDecoder(draft, target, num_speculative_tokens=3, draft_temperature=1.0, seed=1).generate(
+        prompts, RejectAll(), max_new_tokens=20)
+    for p, r in zip(prompts, res.responses):
+        assert r == greedy(target, p, 20)
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_accept_all_semantics(models, gamma):
+    target, draft = models
+    prompts = random_prompts(4, seed=7)
+    res = SpeculativeDecoder(draft, target, num_speculative_tokens=gamma).generate(prompts, AcceptAll(),
+                                                                                   max_new_tokens=23)
+    for p, r in zip(prompts, res.responses):
+        seq, ref = list(p), []
+        while len(ref) < 23:
+            block = greedy(draft, seq, gamma)
+            block += greedy(target, seq + block, 1)
+            ref += block
+            seq += block
+        assert r == ref[:23]
+    assert res.stats["accepted_mismatches"] == res.stats["mismatches"] > 0
+
+
+def test_identical_draft_gives_full_blocks(models):
+    target, _ = models
+    res = SpeculativeDecoder(target, target, num_speculative_tokens=4).generate(random_prompts(3), RejectAll(),
+                                                                                max_new_tokens=25)
+    assert res.stats["mismatches"] == 0
+    assert all(len(r) == 25 for r in res.responses)
+    assert res.stats["target_forwards"] == 3 * math.ceil(25 / 5)
+
+
+def test_stats_and_records_consistent(models):
+    target, draft = models
+    prompts = random_prompts(6, seed=9)
+    judge = ScoringModel.from_backbone(draft, init_accept_prob=0.5)
+    res = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=3).generate(
+        prompts, BernoulliPolicy(seed=0), max_new_tokens=30, eos_token_id=EOS)
+    s = res.stats
+    assert s["emitted_tokens"] == sum(map(len, res.responses))
+    assert s["target_forwards"] == sum(r.target_forwards for r in res.decisions)
+    assert s["tau"] == pytest.approx(s["emitted_tokens"] / s["target_forwards"])
+    assert s["mismatches"] == sum(r.mismatches for r in res.decisions)
+    assert 0 < s["accepted_mismatches"] < s["mismatches"]
+    for resp, rec in zip(res.responses, res.decisions):
+        assert len(resp) <= 30
+        assert rec.positions == sorted(rec.positions) and all(p < len(resp) for p in rec.positions)
+        for pos, d, t, a, lg in zip(rec.positions, rec.draft_tokens, rec.target_tokens, rec.actions, rec.logits):
+            assert d != t
+            assert resp[pos] == (d if a else t)
+            assert lg == pytest.approx(0.0, abs=1e-6)  # untrained judge: P(accept) = init prob = 0.5
+
+
+def test_bernoulli_seeded_reproducible(models):
+    target, draft = models
+    judge = ScoringModel.from_backbone(draft, init_accept_prob=0.5)
+    dec = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=3)
+    prompts = random_prompts(4)
+    a = dec.generate(prompts, BernoulliPolicy(seed=4), max_new_tokens=20)
+    b = dec.generate(prompts, BernoulliPolicy(seed=4), max_new_tokens=20)
+    assert a.responses == b.responses
+    assert [r.actions for r in a.decisions] == [r.actions for r in b.decisions]
+
+
+def test_threshold_extremes_reduce_to_baselines(models):
+    target, draft = models
+    prompts = random_prompts(4, seed=2)
+    dec_plain = SpeculativeDecoder(draft, target, num_speculative_tokens=3)
+    for p0, baseline in [(0.999, AcceptAll()), (0.001, RejectAll())]:
+        judge = ScoringModel.from_backbone(draft, init_accept_prob=p0)
+        got = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=3).generate(
+            prompts, ThresholdPolicy(0.5), max_new_tokens=20)
+        assert got.responses == dec_plain.generate(prompts, baseline, max_new_tokens=20).responses
+
+
+def test_nan_logit_is_a_counted_reject(models):
+    target, draft = models
+    judge = ScoringModel.from_backbone(draft)
+    with torch.no_grad():
+        judge.score_head.bias.fill_(float("nan"))
+    prompts = random_prompts(3)
+    res = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=3).generate(
+        prompts, BernoulliPolicy(seed=0), max_new_tokens=15)
+    assert res.stats["accepted_mismatches"] == 0 and res.stats["nan_logits"] > 0
+    for p, r in zip(prompts, res.responses):
+        assert r == greedy(target, p, 15)
+
+
+def test_training_free_baselines_run(models):
+    target, draft = models
+    prompts = random_prompts(4)
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=3)
+    lo = dec.generate(prompts, TargetProbPolicy(1e-6), max_new_tokens=20).stats
+    hi = dec.generate(prompts, TargetProbPolicy(0.999), max_new_tokens=20).stats
+    assert lo["accepted_mismatch_rate"] == 1.0 and hi["accepted_mismatch_rate"] == 0.0
+    assert dec.generate(prompts, TypicalPolicy(0.3), max_new_tokens=20).stats["emitted_tokens"] > 0
+
+
+def test_bad_input_errors(models):
+    target, draft = models
+    other = tiny_llama(layers=1, hidden=32, vocab=60)
+    with pytest.raises(ValueError, match="draft vocab_size=60, target vocab_size=50"):
+        SpeculativeDecoder(other, target)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeDecoder(draft, target, num_speculative_tokens=0)
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate([[9, 10]], RejectAll(), max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dec.generate([[9, 10], []], RejectAll(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.generate([[9, 99]], RejectAll(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs a judge"):
+        dec.generate([[9, 10]], ThresholdPolicy(0.5), max_new_tokens=4)
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"threshold must be in the open interval \(0, 1\)"):
+            ThresholdPolicy(bad)
