@@ -1,0 +1,5 @@
+import sys
+
+from spd_verl.world.build import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""Build the demo world: `spd-world` / `python -m spd_verl.world`.
+
+Writes, under --out (default: the packaged assets dir):
+  data/{train,val,test}.parquet   verl row format (data_source, prompt, ability, reward_model,
+                                  extra_info)
+  tokenizer/ target/ draft/       Hugging Face directories (models carry the tokenizer too)
+  card.json card.md               the world card (DESIGN.md §8)
+Everything is a function of --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from spd_verl.world import WORLD_DIR
+from spd_verl.world import problems as P
+
+# Sizes. Training draws fresh problems in memory (one pass, no repeats); the committed train
+# split is a modest prefix of that stream.
+N_VAL, N_TEST = 150, 250
+N_TRAIN_COMMITTED = 20_000
+TARGET = dict(layers=4, hidden=128, heads=4, steps=900, lr=3e-3)
+DRAFT = dict(layers=2, hidden=64, heads=4, steps=400, lr=3e-3)
+MAX_NEW_TOKENS = 128
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def split_problems(seed: int, n_train: int):
+    """Disjoint (by question text) train/val/test problem lists, deterministic from seed."""
+    test = P.generate(N_TEST, seed * 1000 + 3)
+    val = P.generate(N_VAL, seed * 1000 + 2)
+    held = {p.question for p in test + val}
+    train = [p for p in P.generate(n_train + n_train // 50 + 100, seed * 1000 + 1)
+             if p.question not in held][:n_train]
+    return train, val, test
+
+
+def to_rows(problems, split: str) -> list[dict]:
+    return [dict(
+        data_source=P.DATA_SOURCE,
+        prompt=[{"role": "user", "content": p.question}],
+        ability="math",
+        reward_model={"style": "rule", "ground_truth": str(p.answer)},
+        extra_info={"split": split, "index": i, "solution": p.solution},
+    ) for i, p in enumerate(problems)]
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def read_split(path: Path):
+    """(prompt texts, ground truths) of a parquet split."""
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    texts = [list(p)[0]["content"] for p in df["prompt"]]
+    return texts, [str(r["ground_truth"]) for r in df["reward_model"]]
+
+
+def build(out: Path, seed: int = 0, target_steps: int | None = None,
+          draft_steps: int | None = None, threads: int = 2, card: bool = True) -> dict | None:
+    import torch
+
+    from spd_verl.world.tokenizer import build_tokenizer
+    from spd_verl.world.train import ModelSpec, encode_examples, train_model
+
+    t0 = time.time()
+    tspec = ModelSpec(**{**TARGET, **({"steps": target_steps} if target_steps else {})})
+    dspec = ModelSpec(**{**DRAFT, **({"steps": draft_steps} if draft_steps else {})})
+    n_train = max(tspec.steps * tspec.batch_size, N_TRAIN_COMMITTED)
+    train, val, test = split_problems(seed, n_train)
+    for name, probs in (("train", train[:N_TRAIN_COMMITTED]), ("val", val), ("test", test)):
+        write_parquet(to_rows(probs, name), out / "data" / f"{name}.parquet")
+    _log(f"[world] data: {len(train)} training problems in memory, "
+         f"{min(len(train), N_TRAIN_COMMITTED)}/{len(val)}/{len(test)} written  "
+         f"({time.time() - t0:.0f}s)")
+
+    tok = build_tokenizer()
+    tok.save_pretrained(out / "tokenizer")
+    examples = encode_examples(tok, train)
+    _log(f"[world] tokenizer: {len(tok)} tokens; examples encoded  ({time.time() - t0:.0f}s)")
+
+    for name, spec, s in (("target", tspec, seed), ("draft", dspec, seed + 1)):
+        _log(f"[world] training {name}: {spec.layers} layers x {spec.hidden}, {spec.steps} steps")
+        model = train_model(spec, len(tok), examples, seed=s, threads=threads, log=_log)
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+        _log(f"[world] {name} saved  ({time.time() - t0:.0f}s)")
+        del model
+    torch.set_num_threads(threads)
+    result = make_card(out) if card else None
+    _log(f"[world] built in {time.time() - t0:.0f}s")
+    return result
+
+
+def make_card(out: Path) -> dict:
+    from spd_verl.world import load_world
+    from spd_verl.world.card import compute_card, format_card
+    from spd_verl.world.tokenizer import prompt_ids
+
+    world = load_world(out)
+    texts, gts = read_split(out / "data" / "test.parquet")
+    prompts = [prompt_ids(world.tokenizer, t) for t in texts]
+    _log("[world] computing the world card")
+    card = compute_card(world, prompts, gts, max_new_tokens=MAX_NEW_TOKENS, log=_log)
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    (out / "card.md").write_text(format_card(card))
+    return card
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="spd-world", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=WORLD_DIR, help="world directory (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild over an existing world")
+    ap.add_argument("--card-only", action="store_true",
+                    help="print the card of an existing world (recomputed with --recompute)")
+    ap.add_argument("--recompute", action="store_true", help="with --card-only: measure again")
+    ap.add_argument("--target-steps", type=int, default=None)
+    ap.add_argument("--draft-steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    out: Path = args.out
+
+    if args.card_only:
+        import torch
+
+        from spd_verl.world.card import format_card
+
+        torch.set_num_threads(args.threads)
+        if not (out / "target").is_dir():
+            print(f"no world at {out}; build it with: spd-world --out {out}", file=sys.stderr)
+            return 1
+        if args.recompute or not (out / "card.json").exists():
+            make_card(out)
+        print(format_card(json.loads((out / "card.json").read_text())))
+        return 0
+
+    if (out / "target").exists() and not args.force:
+        print(f"a world already exists at {out}; use --force to rebuild it "
+              f"(or --card-only to print its card)", file=sys.stderr)
+        return 1
+    if out.exists() and args.force:
+        for sub in ("data", "tokenizer", "target", "draft", "card.json", "card.md"):
+            p = out / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    card = build(out, seed=args.seed, target_steps=args.target_steps,
+                 draft_steps=args.draft_steps, threads=args.threads)
+    from spd_verl.world.card import format_card
+
+    print(format_card(card))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
