@@ -1,0 +1,151 @@
+"""spd-eval: sweep the acceptance rules on a held-out set (DESIGN.md §7).
+
+    spd-eval --judge runs/judge_export --out runs/eval            # demo world defaults
+    spd-eval --no-judge --limit 64                                # baselines only
+    python -m spd_verl.eval --judge J --draft D --target T --data test.parquet --gamma 6
+
+Writes results.csv, results.json (rows, verdicts, run settings) and pareto.png under --out, and
+prints a compact table plus one verdict per baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from .sweep import DEFAULT_TARGET_PROB_EPS, DEFAULT_THRESHOLDS, DEFAULT_TYPICAL_EPS
+
+
+def _floats(name):
+    def parse(text: str) -> list[float]:
+        try:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{name}: no values given")
+        bad = [v for v in vals if not 0.0 < v < 1.0]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{name}: every value must be in (0, 1), got {bad}")
+        return vals
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spd-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--judge", type=Path, help="trained judge: a ScoringModel Hugging Face export dir")
+    p.add_argument("--no-judge", action="store_true", help="evaluate the baselines only")
+    p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the demo world's)")
+    p.add_argument("--target", type=Path, help="target checkpoint dir (default: the demo world's)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the target dir, else its sibling tokenizer/)")
+    p.add_argument("--data", type=Path, help="held-out verl parquet (default: the demo world's data/test.parquet)")
+    p.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens (draft tokens per block)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--thresholds", type=_floats("--thresholds"), default=list(DEFAULT_THRESHOLDS),
+                   help="judge thresholds on P(accept), comma-separated")
+    p.add_argument("--target-prob-eps", type=_floats("--target-prob-eps"), default=list(DEFAULT_TARGET_PROB_EPS),
+                   help="TargetProbPolicy eps values (accept iff p_target(draft) >= eps)")
+    p.add_argument("--typical-eps", type=_floats("--typical-eps"), default=list(DEFAULT_TYPICAL_EPS),
+                   help="TypicalPolicy epsilon values (delta = sqrt(epsilon))")
+    p.add_argument("--no-reference", action="store_true", help="skip the oracle / hand-rule rows on the demo world")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tol", type=float, default=0.01, help="accuracy tolerance of the verdicts (0.01 = 1 point)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output directory")
+    return p
+
+
+def run(args, log=print) -> dict:
+    """Everything the CLI does, from parsed args; returns {rows, verdicts, settings, paths}."""
+    import torch
+
+    from .data import (check_tokenizer_vocab, eos_token_id, load_causal_lm, load_eval_judge, load_rows,
+                       load_tokenizer, resolve_world_defaults)
+    from .pareto import lossless, mark_pareto, verdicts
+    from .plot import plot_pareto
+    from .report import format_table, write_csv, write_json
+    from .sweep import build_rules, evaluate, reference_rules
+
+    if args.judge is None and not args.no_judge:
+        raise ValueError("--judge DIR is required (or pass --no-judge to evaluate the baselines only)")
+    if args.gamma < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ValueError(f"--gamma, --max-new-tokens and --batch-size must be >= 1 "
+                         f"(got {args.gamma}, {args.max_new_tokens}, {args.batch_size})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = resolve_world_defaults(args.draft, args.target, args.tokenizer, args.data)
+
+    rows = load_rows(paths["data"], args.limit)
+    target = load_causal_lm(paths["target"], "target", device)
+    draft = load_causal_lm(paths["draft"], "draft", device)
+    tokenizer = load_tokenizer(paths["tokenizer"])
+    check_tokenizer_vocab(tokenizer, target, paths["tokenizer"])
+    judge = None if args.no_judge else load_eval_judge(args.judge, target, device)
+    eos = eos_token_id(tokenizer, target)
+
+    rules = build_rules(args.thresholds, args.target_prob_eps, args.typical_eps, with_judge=judge is not None)
+    if not args.no_reference:
+        rules += reference_rules(rows, target, tokenizer, args.max_new_tokens, eos, log=log)
+    log(f"spd-eval: {len(rows)} rows from {paths['data']}, {len(rules)} rules, gamma={args.gamma}, "
+        f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={device}")
+
+    results = evaluate(rules, draft, target, judge, tokenizer, rows, gamma=args.gamma,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos_token_id=eos,
+                       progress=not args.no_progress)
+    mark_pareto(results)
+    verdict_rows = verdicts(results, tol=args.tol)
+
+    base = lossless(results)
+    settings = dict(
+        judge=None if judge is None else str(args.judge), draft=str(paths["draft"]), target=str(paths["target"]),
+        tokenizer=str(paths["tokenizer"]), data=str(paths["data"]), n=len(rows), limit=args.limit,
+        gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos_token_id=eos,
+        thresholds=args.thresholds, target_prob_eps=args.target_prob_eps, typical_eps=args.typical_eps,
+        tol=args.tol, device=device, torch_threads=torch.get_num_threads(),
+        rules=[r["name"] for r in results], lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
+        time=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
+    oracle = [r for r in results if r["rule"] == "oracle"]
+    if oracle and base["tau"] > 0:
+        settings["oracle_headroom"] = oracle[0]["tau"] / base["tau"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = dict(csv=write_csv(results, out / "results.csv"),
+                 json=write_json(results, verdict_rows, settings, out / "results.json"),
+                 png=plot_pareto(results, out / "pareto.png", tol=args.tol,
+                                 title=f"τ vs accuracy — {paths['data'].name}, n={len(rows)}, γ={args.gamma}"))
+
+    log("")
+    log(format_table(results))
+    log(f"\nlossless (reject_all): accuracy {100 * base['accuracy']:.1f}%, τ {base['tau']:.3f}"
+        + (f"; oracle headroom {settings['oracle_headroom']:.2f}x" if "oracle_headroom" in settings else ""))
+    if verdict_rows:
+        for v in verdict_rows:
+            log(v["text"])
+    else:
+        log("no judge evaluated: no verdicts")
+    log(f"\nwrote {files['csv']}, {files['json']}, {files['png']}")
+    return dict(rows=results, verdicts=verdict_rows, settings=settings, paths=files)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"spd-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

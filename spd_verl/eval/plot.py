@@ -1,0 +1,69 @@
+"""The Pareto plot: τ (x) vs accuracy (y), one curve per swept rule, single points for the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .pareto import pareto_front
+
+CURVES = {  # family -> (colour, marker, legend label)
+    "judge": ("tab:red", "o", "trained judge (threshold sweep)"),
+    "target_prob": ("tab:blue", "s", "target prob ≥ eps (sweep)"),
+    "typical": ("tab:green", "^", "typical acceptance (sweep)"),
+}
+POINTS = {  # family -> (colour, marker, size, legend label)
+    "reject_all": ("black", "*", 260, "lossless SD (reject_all)"),
+    "accept_all": ("dimgray", "X", 140, "accept_all"),
+    "oracle": ("goldenrod", "D", 110, "single-swap oracle"),
+    "hand_rule": ("tab:purple", "P", 140, "non-digit hand rule"),
+}
+
+
+def plot_pareto(rows: list[dict], path, tol: float = 0.01, title: str | None = None) -> Path:
+    """Write the τ/accuracy plot to ``path`` (PNG). Swept families: the sweep as faint markers and
+    the Pareto front as a solid line; judge points are labelled with their threshold."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    fig = Figure(figsize=(8.5, 6), dpi=120)
+    ax = fig.subplots()
+    known = set(CURVES) | set(POINTS)
+    for fam, (colour, marker, label) in CURVES.items():
+        members = [r for r in rows if r["rule"] == fam]
+        if not members:
+            continue
+        ax.scatter([r["tau"] for r in members], [100 * r["accuracy"] for r in members], color=colour,
+                   marker=marker, s=30, alpha=0.35, zorder=2)
+        front = pareto_front(members)
+        ax.plot([r["tau"] for r in front], [100 * r["accuracy"] for r in front], color=colour, marker=marker,
+                markersize=6, linewidth=2, label=f"{label}: Pareto front", zorder=3)
+        if fam == "judge":
+            for r in members:
+                ax.annotate(f"{r['setting']:g}", (r["tau"], 100 * r["accuracy"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=colour)
+    for fam, (colour, marker, size, label) in POINTS.items():
+        members = [r for r in rows if r["rule"] == fam]
+        if members:
+            ax.scatter([r["tau"] for r in members], [100 * r["accuracy"] for r in members], color=colour,
+                       marker=marker, s=size, edgecolors="white", linewidths=0.8, label=label, zorder=4)
+    others = [r for r in rows if r["rule"] not in known]
+    for fam in dict.fromkeys(r["rule"] for r in others):
+        members = [r for r in others if r["rule"] == fam]
+        ax.scatter([r["tau"] for r in members], [100 * r["accuracy"] for r in members], marker="o", s=50,
+                   label=fam, zorder=4)
+    lossless = [r for r in rows if r["rule"] == "reject_all"]
+    if lossless:
+        y = 100 * (lossless[0]["accuracy"] - tol)
+        ax.axhline(y, color="black", linestyle="--", linewidth=1, alpha=0.7,
+                   label=f"lossless accuracy − {100 * tol:g} pt", zorder=1)
+    ax.set_xlabel("τ  (emitted tokens per target forward)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,319 @@
+"""spd-eval on a tiny random world (seconds, no world build)."""
+
+import csv
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from spd_verl.eval import build_rules, evaluate, load_rows, mark_pareto, pareto_front, prompt_ids, verdicts
+from spd_verl.eval.__main__ import main
+from spd_verl.eval.sweep import COLUMNS, reference_rules
+from spd_verl.scoring_model import ScoringModel, export_judge, load_judge
+from spd_verl.spd import AcceptAll, Policy, RejectAll
+from tiny import perturbed, tiny_llama
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Q", "A", ":", "####", "+", "-", "=", "is", "the", "answer"] + \
+    [str(d) for d in range(10)] + [f"w{i}" for i in range(26)]  # 50 tokens
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}Q : {{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %} A :{% endif %}")
+FAST = ["--gamma", "3", "--max-new-tokens", "12", "--batch-size", "4", "--thresholds", "0.3,0.7",
+        "--target-prob-eps", "0.1,0.3", "--typical-eps", "0.2", "--no-progress"]
+
+
+def make_tokenizer():
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", chat_template=TEMPLATE, clean_up_tokenization_spaces=False)
+
+
+def export_biased_judge(backbone, path, bias):
+    judge = ScoringModel.from_backbone(backbone)
+    with torch.no_grad():
+        judge.score_head.weight.zero_()
+        judge.score_head.bias.fill_(bias)
+    export_judge(judge, path)
+    return path
+
+
+def write_rows(path, n, data_source="tiny", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        a, b = torch.randint(0, 10, (2,), generator=g).tolist()
+        rows.append(dict(prompt=[{"role": "user", "content": f"{a} + {b} w{i % 26}"}],
+                         reward_model={"ground_truth": str(a + b), "style": "rule"}, data_source=data_source))
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: threading only adds overhead (and 10x slowdowns on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(one_thread, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_world")
+    tokenizer = make_tokenizer()
+    target = tiny_llama(layers=2, hidden=64, seed=0, vocab=len(WORDS))
+    draft = perturbed(target, scale=0.01)
+    target.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    draft.save_pretrained(root / "draft")
+    untrained = ScoringModel.from_backbone(draft)
+    with torch.no_grad():  # a judge with some spread so the thresholds differ
+        untrained.score_head.weight.normal_(0, 0.5)
+    export_judge(untrained, root / "judge")
+    return dict(root=root, tokenizer=tokenizer, target=target, draft=draft,
+                data=write_rows(root / "test.parquet", 6),
+                judge_accept=export_biased_judge(draft, root / "judge_plus20", 20.0),
+                judge_reject=export_biased_judge(draft, root / "judge_minus20", -20.0))
+
+
+def cli_args(world, out, judge="judge", extra=()):
+    r = world["root"]
+    j = ["--no-judge"] if judge is None else ["--judge", str(r / judge)]
+    return j + ["--draft", str(r / "draft"), "--target", str(r / "target"), "--data", str(world["data"]),
+                "--out", str(out), *FAST, *extra]
+
+
+# ---------------------------------------------------------------- pure functions
+def test_pareto_front_hand_made():
+    pts = [(1.0, 0.9), (2.0, 0.8), (1.5, 0.95), (2.0, 0.7), (3.0, 0.1), (1.5, 0.95), (0.5, 0.95)]
+    assert pareto_front(pts) == [(1.5, 0.95), (2.0, 0.8), (3.0, 0.1)]
+    assert pareto_front([]) == []
+    assert pareto_front([(1, 1)]) == [(1, 1)]
+    rows = [dict(rule="x", tau=1.0, accuracy=1.0), dict(rule="x", tau=2.0, accuracy=1.0),
+            dict(rule="y", tau=1.5, accuracy=0.5)]
+    assert pareto_front(rows) == [rows[1]]  # dicts come back as given
+    mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [False, True, True]  # per family
+
+
+def _r(rule, tau, acc, setting=None):
+    return dict(rule=rule, setting=setting, name=rule, tau=tau, accuracy=acc)
+
+
+def test_verdicts():
+    rows = [_r("reject_all", 2.0, 0.90), _r("accept_all", 4.0, 0.10),
+            _r("judge", 3.0, 0.895, 0.5), _r("judge", 3.6, 0.70, 0.2), _r("judge", 2.1, 0.90, 0.9),
+            _r("target_prob", 2.5, 0.90, 0.1), _r("target_prob", 3.5, 0.85, 0.3),
+            _r("oracle", 3.5, 0.91)]
+    v = {x["baseline"]: x for x in verdicts(rows, tol=0.01)}
+    assert list(v) == ["reject_all", "accept_all", "target_prob", "oracle"]
+    assert v["reject_all"]["judge_best_tau"] == 3.0 and v["reject_all"]["outcome"] == "judge wins"
+    assert v["accept_all"]["baseline_best_tau"] is None and v["accept_all"]["outcome"] == "judge wins"
+    assert v["target_prob"]["baseline_best_tau"] == 2.5
+    assert v["oracle"]["outcome"] == "judge loses" and "67% of the oracle" in v["oracle"]["text"]
+    assert v["target_prob"]["text"] == ("at accuracy ≥ lossless − 1 point: judge best τ 3.000 vs target_prob "
+                                        "best τ 2.500 (judge wins)")
+    assert verdicts([r for r in rows if r["rule"] != "judge"]) == []
+    with pytest.raises(ValueError, match="reject_all"):
+        verdicts([r for r in rows if r["rule"] != "reject_all"])
+
+
+def test_prompt_ids_plain_ints(world):
+    ids = prompt_ids(world["tokenizer"], [{"role": "user", "content": "3 + 4"}])
+    assert isinstance(ids, list) and all(type(t) is int for t in ids)
+    assert world["tokenizer"].convert_ids_to_tokens(ids) == ["<s>", "Q", ":", "3", "+", "4", "A", ":"]
+
+
+# ---------------------------------------------------------------- the CLI
+def test_cli_writes_well_formed_outputs(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(cli_args(world, out)) == 0
+    stdout = capsys.readouterr().out
+    names = ["judge@0.3", "judge@0.7", "reject_all", "accept_all", "target_prob@0.1", "target_prob@0.3",
+             "typical@0.2"]
+
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == names
+    for r in table:
+        for col in COLUMNS:
+            assert col in r and (r[col] != "" or col == "setting"), (r["name"], col)
+        assert r["pareto"] in ("True", "False")
+        assert r["n"] == "6" and 1.0 <= float(r["tau"]) <= 4.0  # τ ≤ γ + 1
+        assert abs(float(r["target_forwards_per_token"]) * float(r["tau"]) - 1) < 1e-9
+        assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["accepted_mismatch_rate"]) <= 1
+    by = {r["name"]: r for r in table}
+    assert float(by["reject_all"]["accepted_mismatch_rate"]) == 0.0
+    assert float(by["accept_all"]["accepted_mismatch_rate"]) == 1.0
+    assert by["reject_all"]["setting"] == "" and float(by["judge@0.3"]["setting"]) == 0.3
+
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == names
+    assert [v["baseline"] for v in doc["verdicts"]] == ["reject_all", "accept_all", "target_prob", "typical"]
+    s = doc["settings"]
+    assert s["n"] == 6 and s["gamma"] == 3 and s["max_new_tokens"] == 12 and s["judge"].endswith("judge")
+    assert s["lossless_tau"] == by["reject_all"]["tau"] or abs(s["lossless_tau"] - float(by["reject_all"]["tau"])) < 1e-9
+
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    for n in names:
+        assert n in stdout
+    assert stdout.count("at accuracy ≥ lossless − 1 point: judge best τ") == 4
+
+
+def test_cli_no_judge_and_limit(world, tmp_path, capsys):
+    out = tmp_path / "nj"
+    assert main(cli_args(world, out, judge=None, extra=["--limit", "3"])) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert not any(r["rule"] == "judge" for r in doc["rows"]) and doc["verdicts"] == []
+    assert doc["settings"]["n"] == 3 and doc["settings"]["judge"] is None
+    assert "no judge evaluated" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- threshold extremes
+def _same_metrics(a, b):
+    skip = {"rule", "setting", "name", "wall_time_s"}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+@pytest.mark.parametrize("which,baseline", [("judge_accept", AcceptAll()), ("judge_reject", RejectAll())])
+def test_threshold_extremes_reduce_to_baselines(world, which, baseline):
+    judge = load_judge(world[which])
+    rows = load_rows(world["data"])
+    rules = [r for r in build_rules(thresholds=[0.5], target_prob_eps=[], typical_eps=[])
+             if r.family in ("judge", baseline.name)]
+    got = evaluate(rules, world["draft"], world["target"], judge, world["tokenizer"], rows, gamma=3,
+                   max_new_tokens=16, batch_size=4, progress=False, keep_outputs=True)
+    j, b = got
+    assert j["name"] == "judge@0.5" and b["name"] == baseline.name
+    assert j["response_ids"] == b["response_ids"] and j["outputs"] == b["outputs"]
+    assert _same_metrics(j, b)
+    assert j["mismatches"] > 0  # the extremes were actually exercised
+
+
+def test_batch_size_does_not_change_results(world):
+    rows = load_rows(world["data"])
+    rules = build_rules(with_judge=False, target_prob_eps=[0.2], typical_eps=[])
+    a = evaluate(rules, world["draft"], world["target"], None, world["tokenizer"], rows, gamma=3,
+                 max_new_tokens=16, batch_size=1, progress=False)
+    b = evaluate(rules, world["draft"], world["target"], None, world["tokenizer"], rows, gamma=3,
+                 max_new_tokens=16, batch_size=32, progress=False)
+    assert all(_same_metrics(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- reference rules (oracle / hand rule)
+class _FakeOracle(Policy):
+    needs_prefix = True
+    name = "oracle"
+    seen = []
+
+    def __init__(self, target, tokenizer, ground_truths, max_new_tokens, eos_token_id):
+        _FakeOracle.seen.append(list(ground_truths))
+
+    def decide(self, ctx):
+        assert ctx.prefixes is not None and len(ctx.prefixes) == len(ctx.rows)
+        return torch.zeros_like(ctx.draft_tokens, dtype=torch.bool)
+
+
+class _FakeHand(Policy):
+    name = "hand_rule"
+
+    def __init__(self, tokenizer):
+        pass
+
+    def decide(self, ctx):
+        return torch.ones_like(ctx.draft_tokens, dtype=torch.bool)
+
+
+def test_reference_rules_on_demo_world(world, tmp_path, monkeypatch, capsys):
+    data = write_rows(tmp_path / "arith.parquet", 5, data_source="spd_arith", seed=1)
+    fake = types.ModuleType("spd_verl.world.oracle")
+    fake.SingleSwapOracle, fake.NonDigitRule = _FakeOracle, _FakeHand
+    monkeypatch.setitem(sys.modules, "spd_verl.world.oracle", fake)
+    _FakeOracle.seen.clear()
+    out = tmp_path / "ref"
+    args = cli_args(world, out)
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    by = {r["name"]: r for r in doc["rows"]}
+    assert by["oracle"]["rule"] == "oracle" and by["hand_rule"]["rule"] == "hand_rule"
+    assert by["oracle"]["tau"] == by["reject_all"]["tau"] and by["hand_rule"]["tau"] == by["accept_all"]["tau"]
+    gts = [r["ground_truth"] for r in load_rows(data)]
+    assert _FakeOracle.seen == [gts[:4], gts[4:]]  # one oracle per batch, with that batch's answers
+    assert "oracle_headroom" in doc["settings"]
+    assert any(v["baseline"] == "oracle" for v in doc["verdicts"])
+
+    # Module absent: a printed note, and the rest still runs.
+    monkeypatch.setitem(sys.modules, "spd_verl.world.oracle", None)
+    rows = load_rows(data)
+    notes = []
+    assert reference_rules(rows, world["target"], world["tokenizer"], 12, 2, log=notes.append) == []
+    assert notes and "oracle" in notes[0] and "skipped" in notes[0]
+    # Not the demo world: no reference rows, no note.
+    notes.clear()
+    assert reference_rules(load_rows(world["data"]), world["target"], world["tokenizer"], 12, 2,
+                           log=notes.append) == [] and notes == []
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_judge_path(world, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    args = cli_args(world, tmp_path / "o")
+    args[args.index("--judge") + 1] = str(missing)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no judge at" in err and str(missing) in err
+
+
+def test_judge_required_unless_no_judge(world, tmp_path, capsys):
+    args = cli_args(world, tmp_path / "o")
+    i = args.index("--judge")
+    del args[i:i + 2]
+    assert main(args) == 2
+    assert "--no-judge" in capsys.readouterr().err
+
+
+def test_judge_vocab_mismatch(world, tmp_path, capsys):
+    other = tiny_llama(layers=1, hidden=32, seed=5, vocab=len(WORDS) + 10)
+    bad = tmp_path / "bad_judge"
+    export_judge(ScoringModel.from_backbone(other), bad)
+    args = cli_args(world, tmp_path / "o")
+    args[args.index("--judge") + 1] = str(bad)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and f"vocab_size={len(WORDS) + 10}" in err and f"vocab_size={len(WORDS)}" in err
+
+
+def test_empty_eval_set(world, tmp_path, capsys):
+    empty = tmp_path / "empty.parquet"
+    pd.read_parquet(world["data"]).head(0).to_parquet(empty)
+    args = cli_args(world, tmp_path / "o")
+    args[args.index("--data") + 1] = str(empty)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and str(empty) in err
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(build_rules(with_judge=False), world["draft"], world["target"], None, world["tokenizer"], [])
+
+
+def test_missing_data_and_models(world, tmp_path, capsys):
+    for flag, needle in (("--data", "no eval data at"), ("--draft", "no draft model at"),
+                         ("--target", "no target model at")):
+        args = cli_args(world, tmp_path / "o")
+        args[args.index(flag) + 1] = str(tmp_path / "missing")
+        if flag == "--target":
+            args += ["--tokenizer", str(world["root"] / "target")]
+        assert main(args) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_bad_sweep_values_rejected(world, tmp_path):
+    with pytest.raises(SystemExit):
+        main(cli_args(world, tmp_path / "o", extra=["--thresholds", "0.5,1.5"]))
