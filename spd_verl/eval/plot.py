@@ -19,24 +19,18 @@ POINTS = {  # family -> (colour, marker, size, legend label)
 }
 
 
-def plot_pareto(rows: list[dict], path, tol: float = 0.01, title: str | None = None) -> Path:
-    """Write the τ/accuracy plot to ``path`` (PNG). Swept families: the sweep as faint markers and
-    the Pareto front as a solid line; judge points are labelled with their threshold."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
-
-    fig = Figure(figsize=(8.5, 6), dpi=120)
-    ax = fig.subplots()
+def _draw(ax, rows, tol, annotate=True):
     known = set(CURVES) | set(POINTS)
     for fam, (colour, marker, label) in CURVES.items():
         members = [r for r in rows if r["rule"] == fam]
         if not members:
             continue
         ax.scatter([r["tau"] for r in members], [100 * r["accuracy"] for r in members], color=colour,
-                   marker=marker, s=30, alpha=0.35, zorder=2)
+                   marker=marker, s=30, alpha=0.35, zorder=2, label=f"{label}: every setting")
         front = pareto_front(members)
         ax.plot([r["tau"] for r in front], [100 * r["accuracy"] for r in front], color=colour, marker=marker,
                 markersize=6, linewidth=2, label=f"{label}: Pareto front", zorder=3)
-        if fam == "judge":
+        if fam == "judge" and annotate:
             for r in members:
                 ax.annotate(f"{r['setting']:g}", (r["tau"], 100 * r["accuracy"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=colour)
@@ -52,17 +46,42 @@ def plot_pareto(rows: list[dict], path, tol: float = 0.01, title: str | None = N
                    label=fam, zorder=4)
     lossless = [r for r in rows if r["rule"] == "reject_all"]
     if lossless:
-        y = 100 * (lossless[0]["accuracy"] - tol)
-        ax.axhline(y, color="black", linestyle="--", linewidth=1, alpha=0.7,
+        ax.axhline(100 * (lossless[0]["accuracy"] - tol), color="black", linestyle="--", linewidth=1, alpha=0.7,
                    label=f"lossless accuracy − {100 * tol:g} pt", zorder=1)
     ax.set_xlabel("τ  (emitted tokens per target forward)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-3, 103)
     ax.grid(True, alpha=0.3)
+
+
+def plot_pareto(rows: list[dict], path, tol: float = 0.01, title: str | None = None, zoom_points: float = 5.0) -> Path:
+    """Write the τ/accuracy plot to ``path`` (PNG). Swept families: every setting as faint markers
+    and the Pareto front as a solid line; judge points are labelled with their threshold. When
+    some rule falls more than ``zoom_points`` below lossless accuracy, a second panel zooms on the
+    band around lossless accuracy (where the verdicts are decided)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    lossless = [r for r in rows if r["rule"] == "reject_all"]
+    lo = 100 * lossless[0]["accuracy"] - zoom_points if lossless else None
+    zoom = lo is not None and any(100 * r["accuracy"] < lo for r in rows)
+    fig = Figure(figsize=(13 if zoom else 8.5, 6.6), dpi=120)
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+    _draw(axes[0], rows, tol)
+    axes[0].set_ylim(-3, 103)
+    if zoom:
+        _draw(axes[1], rows, tol)
+        near = [r for r in rows if 100 * r["accuracy"] >= lo]
+        top = max(100 * r["accuracy"] for r in near)
+        axes[1].set_ylim(lo - 0.5, top + 0.1 * (top - lo) + 0.5)
+        taus = [r["tau"] for r in near]
+        pad = 0.05 * (max(taus) - min(taus)) + 0.05
+        axes[1].set_xlim(min(taus) - pad, max(taus) + pad)
+        axes[1].set_title(f"zoom: accuracy ≥ lossless − {zoom_points:g} pts", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, framealpha=0.9)
     if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
-    fig.tight_layout()
+        fig.suptitle(title)
+    rows_of_legend = (len(labels) + 2) // 3
+    fig.tight_layout(rect=(0, 0.035 * rows_of_legend + 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
