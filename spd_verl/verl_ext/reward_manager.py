@@ -40,6 +40,11 @@ class SPDRewardManager(RewardManagerBase):
             raise ValueError(f"dataset row without reward_model.ground_truth (data_source={nt.get('data_source')!r}, "
                              f"extra_info.index={extra.get('index') if isinstance(extra, dict) else None!r}, "
                              f"reward_model={rm!r}): every row needs the reference answer")
+        # verl's agent-loop worker hands the rollout's extra_fields to the reward as
+        # non_tensor_batch["tool_extra_fields"] (a dict per sample); accept top-level keys too.
+        extra_fields = nt.get("tool_extra_fields")
+        if isinstance(extra_fields, dict) and all(k in extra_fields for k in SPD_STAT_KEYS):
+            nt = {**nt, **{k: extra_fields[k] for k in SPD_STAT_KEYS}}
         missing = [k for k in SPD_STAT_KEYS if k not in nt]
         if missing:
             raise KeyError(f"SPDRewardManager needs the spd rollout's per-sequence fields {missing}; "

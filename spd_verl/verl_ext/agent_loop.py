@@ -1,0 +1,90 @@
+"""Agent loop ``spd_agent``: verl's single-turn loop, with the judge's decisions put into the batch.
+
+The policy being trained makes one Bernoulli decision per draft/target mismatch, not one token per
+position, so the output carries (DESIGN.md §4, aligned with ``responses``):
+
+- ``response_mask`` = decision mask (1 only where a mismatch was decided) — verl uses it as the
+  loss mask for old/ref log-probs, entropy, KL and the PPO loss;
+- ``response_logprobs`` = the rollout's decision log-probs (→ ``rollout_log_probs``);
+- ``spd_draft_tokens``, ``spd_target_tokens``, ``spd_actions``, ``spd_old_logits``,
+  ``spd_features`` tensors that reach the actor engine (``engine.SPDScoringEngine``);
+- per-sequence SPD statistics in ``extra_fields`` (reward manager and metrics).
+
+Works with the V1 trainer (TransferQueue path), whose agent-loop worker stores ``as_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
+from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+from ..spd.policies import NUM_FEATURES
+from .keys import DECISIONS_KEY, SIDE_FIELDS
+
+AGENT_NAME = "spd_agent"
+
+
+class SPDAgentLoopOutput(AgentLoopOutput):
+    """AgentLoopOutput plus the decision tensors (verl's class ignores unknown fields)."""
+
+    spd_draft_tokens: Optional[list[int]] = None
+    spd_target_tokens: Optional[list[int]] = None
+    spd_actions: Optional[list[float]] = None
+    spd_old_logits: Optional[list[float]] = None
+    spd_features: Optional[list[list[float]]] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        output = super().as_dict()
+        dtypes = dict(spd_draft_tokens=torch.int64, spd_target_tokens=torch.int64)
+        for key in SIDE_FIELDS:
+            value = output.pop(key, None)
+            if value is not None:
+                output[key] = torch.tensor(value, dtype=dtypes.get(key, torch.float32))
+        if "spd_features" in output:
+            output["spd_features"] = output["spd_features"].reshape(-1, NUM_FEATURES)
+        return output
+
+
+def decision_fields(records: dict, length: int) -> dict:
+    """Server decision records of one sequence -> per-position lists of ``length`` entries."""
+    positions = records["positions"]
+    bad = [p for p in positions if not 0 <= p < length]
+    if bad:
+        raise ValueError(f"decision positions {bad[:3]} outside the response (length {length}): the response was "
+                         f"cut or re-tokenised after generation, so decisions no longer align with tokens")
+    mask, draft, target = [0] * length, [0] * length, [0] * length
+    actions, logits = [0.0] * length, [0.0] * length
+    features = [[0.0] * NUM_FEATURES for _ in range(length)]
+    for i, p in enumerate(positions):
+        mask[p] = 1
+        draft[p] = int(records["draft_tokens"][i])
+        target[p] = int(records["target_tokens"][i])
+        actions[p] = float(records["actions"][i])
+        logits[p] = float(records["logits"][i])
+        features[p] = [float(x) for x in records["features"][i]]
+    return dict(response_mask=mask, spd_draft_tokens=draft, spd_target_tokens=target, spd_actions=actions,
+                spd_old_logits=logits, spd_features=features)
+
+
+class SPDAgentLoop(SingleTurnAgentLoop):
+    """Single-turn chat through the spd rollout; decisions become the response mask."""
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
+        output = await super().run(sampling_params, **kwargs)
+        extra = dict(output.extra_fields)
+        records = extra.pop(DECISIONS_KEY, None)
+        if records is None:
+            raise ValueError(f"the {AGENT_NAME} agent loop needs actor_rollout_ref.rollout.name=spd "
+                             f"(no decision records in the rollout output)")
+        length = len(output.response_ids)
+        fields = decision_fields(records, length)
+        logprobs = output.response_logprobs
+        if logprobs is None or len(logprobs) != length:
+            raise ValueError(f"spd rollout returned {None if logprobs is None else len(logprobs)} decision "
+                             f"log-probs for a response of {length} tokens")
+        data = output.model_dump(exclude={"response_mask", "extra_fields"})
+        data["metrics"] = output.metrics
+        return SPDAgentLoopOutput(**data, **fields, extra_fields=extra)

@@ -1,0 +1,9 @@
+"""Names shared by the spd rollout, agent loop, engine and metrics. No imports on purpose: verl
+loads the plugin while these modules are being imported, so shared names must not form a cycle."""
+
+# Per-sequence statistics the server puts in TokenOutput.extra_fields (reward manager, metrics).
+STAT_KEYS = ("spd_mismatches", "spd_accepted_mismatches", "spd_target_forwards", "spd_truncated")
+# The server's decision records in extra_fields; the agent loop turns them into batch tensors.
+DECISIONS_KEY = "spd_decisions"
+# Batch fields (per response position) the agent loop emits and the actor engine consumes.
+SIDE_FIELDS = ("spd_draft_tokens", "spd_target_tokens", "spd_actions", "spd_old_logits", "spd_features")

@@ -1,0 +1,62 @@
+"""SPD metrics over a batch of sequences (DESIGN.md §3): τ, mismatches, accepted-mismatch rate,
+target forwards per token, response length, accuracy. Pooled over the batch (ratios of sums)."""
+
+from __future__ import annotations
+
+import math
+
+
+def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
+    """rows: one dict per sequence with ``mismatches``, ``accepted_mismatches``,
+    ``target_forwards``, ``response_length`` and optionally ``correct`` / ``truncated``."""
+    if not rows:
+        return {}
+    n = len(rows)
+    total = {k: sum(float(r.get(k) or 0.0) for r in rows)
+             for k in ("mismatches", "accepted_mismatches", "target_forwards", "response_length", "truncated")}
+    out = {
+        "tau": total["response_length"] / total["target_forwards"] if total["target_forwards"] else 0.0,
+        "mismatches_per_seq": total["mismatches"] / n,
+        "accepted_mismatch_rate": total["accepted_mismatches"] / total["mismatches"] if total["mismatches"] else 0.0,
+        "target_forwards_per_token": total["target_forwards"] / total["response_length"]
+        if total["response_length"] else 0.0,
+        "target_forwards_per_seq": total["target_forwards"] / n,
+        "response_length": total["response_length"] / n,
+        "truncated_rate": total["truncated"] / n,
+        "sequences_without_decision": sum(1 for r in rows if not r.get("mismatches")) / n,
+    }
+    correct = [float(r["correct"]) for r in rows if r.get("correct") is not None]
+    if correct:
+        out["accuracy"] = sum(correct) / len(correct)
+    return {f"{prefix}/{k}": v for k, v in out.items()}
+
+
+def rows_from_extra_fields(extra_fields: list[dict], response_lengths: list[int]) -> list[dict]:
+    """Training batch: the rollout's per-sequence stats (+ the reward's ``correct``)."""
+    rows = []
+    for extra, length in zip(extra_fields, response_lengths, strict=True):
+        extra = extra if isinstance(extra, dict) else {}
+        reward_info = extra.get("reward_extra_info") or {}
+        rows.append(dict(mismatches=extra.get("spd_mismatches"), accepted_mismatches=extra.get("spd_accepted_mismatches"),
+                         target_forwards=extra.get("spd_target_forwards"), truncated=extra.get("spd_truncated"),
+                         response_length=length, correct=reward_info.get("correct")))
+    return rows
+
+
+def rows_from_reward_infos(infos: dict[str, list]) -> list[dict]:
+    """Validation: verl keeps only the reward's extra info per sample (reward terms of
+    ``spd_verl.reward.compute_spd_reward``: mismatches, accepted_mismatches, tau, response_length,
+    correct); target forwards are response_length / tau."""
+    needed = ("mismatches", "accepted_mismatches", "tau", "response_length")
+    if not all(k in infos for k in needed):
+        return []
+    rows = []
+    for i in range(len(infos["tau"])):
+        tau, length = infos["tau"][i], infos["response_length"][i]
+        if tau is None or length is None or (isinstance(tau, float) and math.isnan(tau)):
+            continue
+        rows.append(dict(mismatches=infos["mismatches"][i], accepted_mismatches=infos["accepted_mismatches"][i],
+                         target_forwards=length / tau if tau else 0.0, response_length=length,
+                         truncated=(infos.get("overlong") or [None] * (i + 1))[i],
+                         correct=(infos.get("correct") or [None] * (i + 1))[i]))
+    return rows
