@@ -53,7 +53,7 @@ def _points(tol: float) -> str:
 
 
 def _fmt(tau) -> str:
-    return "—" if tau is None else f"{tau:.3f}"
+    return "— (no setting meets the bar)" if tau is None else f"{tau:.3f}"
 
 
 def lossless(rows: list[dict]) -> dict:

@@ -30,9 +30,12 @@ def _draw(ax, rows, tol, annotate=True):
         front = pareto_front(members)
         ax.plot([r["tau"] for r in front], [100 * r["accuracy"] for r in front], color=colour, marker=marker,
                 markersize=6, linewidth=2, label=f"{label}: Pareto front", zorder=3)
-        if fam == "judge" and annotate:
+        if fam == "judge" and annotate:  # threshold labels; coincident points share one label
+            spots: dict[tuple, list] = {}
             for r in members:
-                ax.annotate(f"{r['setting']:g}", (r["tau"], 100 * r["accuracy"]), textcoords="offset points",
+                spots.setdefault((round(r["tau"], 6), round(r["accuracy"], 6)), []).append(r["setting"])
+            for (tau, acc), settings in spots.items():
+                ax.annotate(",".join(f"{t:g}" for t in settings), (tau, 100 * acc), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=colour)
     for fam, (colour, marker, size, label) in POINTS.items():
         members = [r for r in rows if r["rule"] == fam]
