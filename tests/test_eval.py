@@ -317,3 +317,25 @@ def test_missing_data_and_models(world, tmp_path, capsys):
 def test_bad_sweep_values_rejected(world, tmp_path):
     with pytest.raises(SystemExit):
         main(cli_args(world, tmp_path / "o", extra=["--thresholds", "0.5,1.5"]))
+
+
+def test_demo_world_defaults_absent(monkeypatch, tmp_path, capsys):
+    import spd_verl.eval.data as data
+
+    monkeypatch.setattr(data, "world_dir", lambda: tmp_path / "no_world")
+    assert main(["--no-judge", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "demo world is not available" in err and "spd-world" in err
+
+
+def test_tokenizer_defaults_to_sibling_dir(tmp_path):
+    from spd_verl.eval.data import resolve_world_defaults
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+    p = resolve_world_defaults(tmp_path / "d", tmp_path / "target", None, tmp_path / "x.parquet")
+    assert p["tokenizer"] == tmp_path / "tokenizer"
+    (tmp_path / "target" / "tokenizer_config.json").write_text("{}")
+    p = resolve_world_defaults(tmp_path / "d", tmp_path / "target", None, tmp_path / "x.parquet")
+    assert p["tokenizer"] == tmp_path / "target"

@@ -33,9 +33,22 @@ def _floats(name):
     return parse
 
 
+def _csv(vals) -> str:
+    return ",".join(f"{v:g}" for v in vals)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where it says something (not None/False, not already in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spd-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     p.add_argument("--judge", type=Path, help="trained judge: a ScoringModel Hugging Face export dir")
     p.add_argument("--no-judge", action="store_true", help="evaluate the baselines only")
     p.add_argument("--draft", type=Path, help="draft checkpoint dir (default: the demo world's)")
@@ -43,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the target dir, else its sibling tokenizer/)")
     p.add_argument("--data", type=Path, help="held-out verl parquet (default: the demo world's data/test.parquet)")
     p.add_argument("--gamma", type=int, default=4, help="num_speculative_tokens (draft tokens per block)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--thresholds", type=_floats("--thresholds"), default=list(DEFAULT_THRESHOLDS),
+    p.add_argument("--max-new-tokens", type=int, default=128, help="response length cap")
+    p.add_argument("--thresholds", type=_floats("--thresholds"), default=_csv(DEFAULT_THRESHOLDS),
                    help="judge thresholds on P(accept), comma-separated")
-    p.add_argument("--target-prob-eps", type=_floats("--target-prob-eps"), default=list(DEFAULT_TARGET_PROB_EPS),
+    p.add_argument("--target-prob-eps", type=_floats("--target-prob-eps"), default=_csv(DEFAULT_TARGET_PROB_EPS),
                    help="TargetProbPolicy eps values (accept iff p_target(draft) >= eps)")
-    p.add_argument("--typical-eps", type=_floats("--typical-eps"), default=list(DEFAULT_TYPICAL_EPS),
+    p.add_argument("--typical-eps", type=_floats("--typical-eps"), default=_csv(DEFAULT_TYPICAL_EPS),
                    help="TypicalPolicy epsilon values (delta = sqrt(epsilon))")
     p.add_argument("--no-reference", action="store_true", help="skip the oracle / hand-rule rows on the demo world")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--tol", type=float, default=0.01, help="accuracy tolerance of the verdicts (0.01 = 1 point)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
