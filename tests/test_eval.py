@@ -272,6 +272,14 @@ def test_missing_judge_path(world, tmp_path, capsys):
     assert "no judge at" in err and str(missing) in err
 
 
+def test_judge_path_holding_a_plain_llama(world, tmp_path, capsys):
+    args = cli_args(world, tmp_path / "o")
+    args[args.index("--judge") + 1] = str(world["root"] / "draft")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a ScoringModel export" in err and "'llama'" in err
+
+
 def test_judge_required_unless_no_judge(world, tmp_path, capsys):
     args = cli_args(world, tmp_path / "o")
     i = args.index("--judge")

@@ -136,8 +136,14 @@ def load_tokenizer(path):
 
 def load_eval_judge(path, target, device="cpu"):
     """The trained judge (a ScoringModel export), checked against the target's vocabulary."""
-    from spd_verl.scoring_model import load_judge
+    from spd_verl.scoring_model import ScoringConfig, load_judge
 
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file():
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+        if model_type != ScoringConfig.model_type:
+            raise ValueError(f"judge at {path} is not a ScoringModel export (model_type={model_type!r}, expected "
+                             f"{ScoringConfig.model_type!r}); export a judge with spd_verl.scoring_model.export_judge")
     judge = load_judge(path).to(device).eval()
     check_judge_vocab(judge, target, path)
     return judge
