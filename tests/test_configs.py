@@ -1,0 +1,50 @@
+"""Both shipped configs compose on top of verl's own and accept the design card's keys as overrides."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+SEED_OVERRIDES = [
+    "actor_rollout_ref.model.lora_rank=64", "actor_rollout_ref.model.lora_alpha=32",
+    "actor_rollout_ref.model.target_modules=all-linear", "actor_rollout_ref.rollout.n=5",
+    "actor_rollout_ref.rollout.score_threshold=0.7", "actor_rollout_ref.rollout.num_speculative_tokens=6",
+    "actor_rollout_ref.rollout.draft_model_path=/d", "actor_rollout_ref.rollout.target_model_path=/t",
+    "actor_rollout_ref.model.path=/d", "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.optim.lr=3e-6",
+    "data.train_files=/x.parquet", "data.val_files=/y.parquet", "trainer.n_gpus_per_node=4",
+]
+
+
+def _compose(name, overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", ["spd_demo", "spd_gsm8k"])
+def test_config_composes_with_seed_overrides(name):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = _compose(name, SEED_OVERRIDES)
+    assert cfg.actor_rollout_ref.rollout.name == "spd"
+    assert cfg.reward.reward_manager.name == "spd"
+    assert cfg.trainer.v1.trainer_mode == "spd"
+    assert cfg.actor_rollout_ref.model.lora_rank == 64
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    assert (rollout.score_threshold, rollout.num_speculative_tokens, rollout.n) == (0.7, 6, 5)
+    assert "ppo_epochs" in OmegaConf.to_container(cfg.actor_rollout_ref.actor)  # verl's defaults came along
+
+
+@pytest.mark.parametrize("override,message", [
+    ("actor_rollout_ref.rollout.score_threshold=1.5", "score_threshold must be in the open interval"),
+    ("actor_rollout_ref.rollout.num_speculative_tokens=0", "num_speculative_tokens must be an integer >= 1"),
+])
+def test_bad_rollout_settings_fail_naming_the_key(override, message):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = _compose("spd_gsm8k", [override])
+    from hydra.errors import InstantiationException
+
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
