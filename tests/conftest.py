@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The suite runs on CPU: verl must pick spd_verl's CPU platform, which is resolved once per process
+# on first use, so it is chosen here, before any test imports verl.
+os.environ.setdefault("VERL_PLATFORM", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["Q", "A", ":", "what", "is", "plus", "minus", "the", "answer", "so", "####"] + [str(d) for d in range(10)]
@@ -76,6 +79,12 @@ def build_tiny_world(root) -> dict:
         g = torch.Generator().manual_seed(1)
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std().clamp(min=1e-3))
+        # Make EOS likely enough that some rollouts of a prompt end early and others hit the
+        # length cap: GRPO groups then have reward variance (measured: ~60% truncated at 16 tokens).
+        for model in (target, draft):
+            w = model.lm_head.weight
+            direction = w.mean(0) / w.mean(0).norm()
+            w[2] += direction * w.norm(dim=1).mean()
     for name, model in (("target", target), ("draft", draft)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
@@ -93,3 +102,21 @@ def world_paths(root) -> dict:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("spd_world"))
+
+
+@pytest.fixture(scope="session")
+def dist_group():
+    """A one-process gloo group initialised the way verl's workers do it (through the patched
+    ``initialize_global_process_group_ray``), for in-process engine tests."""
+    import socket
+
+    import torch.distributed
+    import verl.workers.engine_workers as engine_workers
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        engine_workers.initialize_global_process_group_ray(timeout_second=None)
+    yield

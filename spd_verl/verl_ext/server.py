@@ -203,8 +203,11 @@ class SPDServer:
             policy = TemperedBernoulli(self._rng.randrange(2**62), temperature)
         result = self.decoder.generate(prompts, policy=policy, max_new_tokens=max_new_tokens,
                                        eos_token_id=self.eos_token_id)
-        return [self._token_output(resp, rec, temperature, max_new_tokens, mode)
-                for resp, rec in zip(result.responses, result.decisions)]
+        outputs = [self._token_output(resp, rec, temperature, max_new_tokens, mode)
+                   for resp, rec in zip(result.responses, result.decisions)]
+        for out in outputs:
+            out.extra_fields["spd_batch_size"] = len(prompts)  # how many requests shared the engine call
+        return outputs
 
     def _token_output(self, response, record, temperature, max_new_tokens, mode) -> TokenOutput:
         log_probs = [0.0] * len(response)
