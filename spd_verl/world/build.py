@@ -24,7 +24,7 @@ from spd_verl.world import problems as P
 # split is a modest prefix of that stream.
 N_VAL, N_TEST = 150, 250
 N_TRAIN_COMMITTED = 20_000
-TARGET = dict(layers=4, hidden=128, heads=4, steps=900, lr=3e-3)
+TARGET = dict(layers=4, hidden=128, heads=4, steps=800, lr=3e-3)
 DRAFT = dict(layers=2, hidden=64, heads=4, steps=400, lr=3e-3)
 MAX_NEW_TOKENS = 128
 
@@ -70,11 +70,16 @@ def read_split(path: Path):
 
 
 def build(out: Path, seed: int = 0, target_steps: int | None = None,
-          draft_steps: int | None = None, threads: int = 2, card: bool = True) -> dict | None:
+          draft_steps: int | None = None, threads: int = 2, card: bool = True,
+          resume: bool = False) -> dict | None:
+    """Build every stage into ``out``. With ``resume``, a model directory that already exists
+    is kept (each stage is seeded on its own, so this equals a full build with the same
+    settings)."""
     import torch
 
-    from spd_verl.world.tokenizer import build_tokenizer
-    from spd_verl.world.train import ModelSpec, encode_examples, train_model
+    from spd_verl.world.oracle import is_correct
+    from spd_verl.world.tokenizer import build_tokenizer, prompt_ids
+    from spd_verl.world.train import ModelSpec, encode_examples, greedy_generate, train_model
 
     t0 = time.time()
     tspec = ModelSpec(**{**TARGET, **({"steps": target_steps} if target_steps else {})})
@@ -92,9 +97,21 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
     examples = encode_examples(tok, train)
     _log(f"[world] tokenizer: {len(tok)} tokens; examples encoded  ({time.time() - t0:.0f}s)")
 
+    val_prompts = [prompt_ids(tok, p.question) for p in val[:100]]
+
+    def val_accuracy(step, model):  # progress signal only; the card measures on test
+        resp = greedy_generate(model, val_prompts, max_new_tokens=MAX_NEW_TOKENS)
+        ok = sum(is_correct(tok.decode(r, skip_special_tokens=True), str(p.answer))
+                 for r, p in zip(resp, val))
+        _log(f"  step {step:5d}  val greedy accuracy {ok / len(val_prompts):.1%}")
+
     for name, spec, s in (("target", tspec, seed), ("draft", dspec, seed + 1)):
+        if resume and (out / name / "config.json").exists():
+            _log(f"[world] keeping existing {name}")
+            continue
         _log(f"[world] training {name}: {spec.layers} layers x {spec.hidden}, {spec.steps} steps")
-        model = train_model(spec, len(tok), examples, seed=s, threads=threads, log=_log)
+        model = train_model(spec, len(tok), examples, seed=s, threads=threads, log=_log,
+                            callback=val_accuracy, callback_every=200)
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
         _log(f"[world] {name} saved  ({time.time() - t0:.0f}s)")
@@ -128,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--card-only", action="store_true",
                     help="print the card of an existing world (recomputed with --recompute)")
     ap.add_argument("--recompute", action="store_true", help="with --card-only: measure again")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep model dirs that already exist under --out (rebuild the rest)")
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -148,17 +167,17 @@ def main(argv=None) -> int:
         print(format_card(json.loads((out / "card.json").read_text())))
         return 0
 
-    if (out / "target").exists() and not args.force:
+    if (out / "target").exists() and not (args.force or args.resume):
         print(f"a world already exists at {out}; use --force to rebuild it "
               f"(or --card-only to print its card)", file=sys.stderr)
         return 1
-    if out.exists() and args.force:
+    if out.exists() and args.force and not args.resume:
         for sub in ("data", "tokenizer", "target", "draft", "card.json", "card.md"):
             p = out / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     card = build(out, seed=args.seed, target_steps=args.target_steps,
-                 draft_steps=args.draft_steps, threads=args.threads)
+                 draft_steps=args.draft_steps, threads=args.threads, resume=args.resume)
     from spd_verl.world.card import format_card
 
     print(format_card(card))

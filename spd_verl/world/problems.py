@@ -50,7 +50,7 @@ MID_OPENERS = [("Then", 0.65), ("Next ,", 0.25), ("After that ,", 0.10)]
 FIRST_OPENERS = [("First ,", 0.75), ("To start ,", 0.20), ("", 0.05)]
 LAST_OPENERS = [("Finally ,", 0.60), ("Then", 0.30), ("Last ,", 0.10)]
 CONNECTIVES = [(", so", 0.75), (":", 0.15), (", and", 0.10)]
-FINAL_STYLES = [("{N} has {r} {items} now .", 0.70), ("The answer is {r} .", 0.20), ("", 0.10)]
+FINAL_STYLES = [("So {p} has {r} .", 0.70), ("The answer is {r} .", 0.20), ("", 0.10)]
 
 DATA_SOURCE = "spd_arith"
 ANSWER_RE = re.compile(r"####\s*(-?\d+)")
@@ -94,17 +94,15 @@ class Problem:
 
 
 def _event_sentence(p: Problem, i: int, ev: str, b: int) -> str:
-    subj = p.name if i == 0 else p.pronoun.capitalize()
+    # Items are named once (first sentence); later sentences stay short: tokens are training time.
+    subj = p.pronoun.capitalize() if i == 0 else f"Then {p.pronoun}"
     obj = "him" if p.pronoun == "he" else "her"
-    lead = "Then " if i > 0 else ""
     n = digits(b)
     if ev == "give_in":
-        return f"{lead}{p.friend} gives {obj} {n} {p.item} ."
+        return f"{'Then ' if i else ''}{p.friend} gives {obj} {n} ."
     if ev == "give_out":
-        subj = subj if not lead else p.pronoun
-        return f"{lead}{subj} gives {p.friend} {n} {p.item} ."
-    subj = subj if not lead else p.pronoun
-    return f"{lead}{subj} {ev} {n} {p.item} ."
+        return f"{subj} gives {p.friend} {n} ."
+    return f"{subj} {ev} {n} ."
 
 
 def make_problem(rng: random.Random) -> Problem:
@@ -138,7 +136,7 @@ def make_problem(rng: random.Random) -> Problem:
 def _question(p: Problem) -> str:
     parts = [f"{p.name} has {digits(p.start)} {p.item} ."]
     parts += [_event_sentence(p, i, ev, b) for i, (ev, b) in enumerate(zip(p.events, p.operands))]
-    parts.append(f"How many {p.item} does {p.name} have now ?")
+    parts.append(f"How many {p.item} does {p.pronoun} have now ?")
     return _clean(" ".join(parts))
 
 

@@ -70,8 +70,23 @@ def _batch(examples, idx):
     return ids, mask, labels
 
 
+def _length_bucketed_batches(examples, batch_size: int, gen, window: int = 32) -> list[list[int]]:
+    """One epoch of batches, shuffled, each cut from a length-sorted window of `window` batches:
+    padding would otherwise cost ~30% of every step (lengths vary from ~60 to ~130 tokens)."""
+    perm = torch.randperm(len(examples), generator=gen).tolist()
+    batches = []
+    span = window * batch_size
+    for w in range(0, len(perm) - batch_size + 1, span):
+        chunk = sorted(perm[w:w + span], key=lambda i: len(examples[i][0]) + len(examples[i][1]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order][::-1]
+
+
 def train_model(spec: ModelSpec, vocab_size: int, examples, seed: int, log=print,
-                threads: int = 2) -> LlamaForCausalLM:
+                threads: int = 2, callback=None, callback_every: int = 100) -> LlamaForCausalLM:
+    """Train from scratch. ``callback(step, model)`` (optional) runs every ``callback_every``
+    steps in eval mode, e.g. to measure accuracy along the way."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(spec.config(vocab_size))
@@ -87,15 +102,16 @@ def train_model(spec: ModelSpec, vocab_size: int, examples, seed: int, log=print
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    n = len(examples)
-    perm, pos = torch.randperm(n, generator=gen), 0
+    bs = min(spec.batch_size, len(examples))
+    batches = _length_bucketed_batches(examples, bs, gen)
     for step in range(spec.steps):
-        if pos + spec.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + spec.batch_size].tolist()
-        pos += spec.batch_size
+        if not batches:
+            batches = _length_bucketed_batches(examples, bs, gen)
+        idx = batches.pop()
         ids, mask, labels = _batch(examples, idx)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # Right padding under a causal mask: real tokens never see pads, and pads carry no
+        # labels, so no attention mask is needed (it would force the slower masked SDPA path).
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -103,6 +119,10 @@ def train_model(spec: ModelSpec, vocab_size: int, examples, seed: int, log=print
         sched.step()
         if log and (step % 100 == 0 or step == spec.steps - 1):
             log(f"  step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s")
+        if callback is not None and step > 0 and (step + 1) % callback_every == 0:
+            model.eval()
+            callback(step + 1, model)
+            model.train()
     model.eval()
     return model
 
