@@ -32,7 +32,7 @@ def run_main_ppo(world: dict, out: Path, *overrides: str, timeout: int = 600) ->
     env = dict(os.environ, VERL_PLATFORM="cpu", VERL_FILE_LOGGER_PATH=str(metrics), HYDRA_FULL_ERROR="1")
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(REPO / "configs"),
            "--config-name", "spd_demo",
-           f"actor_rollout_ref.model.path={world['draft']}",
+           f"actor_rollout_ref.model.path={world['draft']}", "actor_rollout_ref.model.tokenizer_path=null",
            f"actor_rollout_ref.rollout.draft_model_path={world['draft']}",
            f"actor_rollout_ref.rollout.target_model_path={world['target']}",
            f"data.train_files={world['train']}", f"data.val_files={world['val']}",

@@ -29,6 +29,7 @@ out = {
     "engine": EngineRegistry.get_engine_cls("spd_scoring", "fsdp2").__name__,
     "trainer": get_trainer_cls("spd").__name__,
     "reward": get_reward_manager_cls("spd").__name__,
+    "resolver": __import__("omegaconf").OmegaConf.has_resolver("spd_world"),
     "gloo_fix": getattr(engine_workers.initialize_global_process_group_ray, "_spd_gloo_fix", False),
     "errors_on_second_call": register.register_all(),
 }
@@ -51,6 +52,7 @@ def test_everything_registered_in_fresh_process():
         "engine": "SPDScoringEngine",
         "trainer": "SPDRayTrainer",
         "reward": "SPDRewardManager",
+        "resolver": True,
         "gloo_fix": True,
         "errors_on_second_call": {},
     }

@@ -7,7 +7,8 @@ registered separately and a failure is logged as a warning naming it (tests/test
 checks, in a fresh process, that all of them are there).
 
 Components: platform ``cpu`` (selected by VERL_PLATFORM=cpu), rollout ``spd`` (adapter + replica),
-agent loop ``spd_agent``, engine model_type ``spd_scoring``, trainer mode ``spd``, reward manager ``spd``.
+agent loop ``spd_agent``, engine model_type ``spd_scoring``, trainer mode ``spd``, reward manager ``spd``,
+and the config resolver ``${spd_world:<relative path>}`` (a path inside the packaged demo world).
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def _reward_manager():
     register()
 
 
+def world_path(relative: str = "") -> str:
+    """``${spd_world:draft}`` -> <package>/assets/world/draft (configs/spd_demo.yaml's paths)."""
+    from spd_verl.world import WORLD_DIR
+
+    path = WORLD_DIR / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the demo world is not built (run `spd-world`), "
+                                f"or pass the paths as overrides")
+    return str(path)
+
+
+def _resolver():
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("spd_world"):
+        OmegaConf.register_new_resolver("spd_world", world_path)
+
+
 COMPONENTS = {
     "platform cpu": _platform,
     f"rollout {ROLLOUT_NAME}": _rollout,
@@ -74,6 +93,7 @@ COMPONENTS = {
     f"engine {ENGINE_MODEL_TYPE}": _engine,
     f"trainer mode {TRAINER_MODE}": _trainer,
     f"reward manager {REWARD_MANAGER_NAME}": _reward_manager,
+    "config resolver spd_world": _resolver,
 }
 _done: set[str] = set()
 
