@@ -123,3 +123,14 @@ def test_dataset_row_without_ground_truth_is_named(tiny_world, tmp_path):
                                          r"has no reward_model.ground_truth"):
         check_ground_truth(dataset, "train")
     check_ground_truth(RLHFDataset(data_files=tiny_world["train"], tokenizer=_tokenizer(), config=cfg), "train")
+
+
+def test_decisions_that_do_not_fit_the_response_are_refused():
+    from spd_verl.verl_ext.agent_loop import decision_fields
+
+    records = {"positions": [1, 9], "draft_tokens": [5, 6], "target_tokens": [7, 8], "actions": [1, 0],
+               "logits": [0.1, -0.2], "features": [[0.0] * 4, [0.0] * 4]}
+    with pytest.raises(ValueError, match=r"decision positions \[9\] outside the response \(length 5\)"):
+        decision_fields(records, 5)
+    fields = decision_fields(records, 10)
+    assert fields["response_mask"] == [0, 1] + [0] * 7 + [1] and fields["spd_actions"][1] == 1.0

@@ -77,8 +77,9 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         extra = dict(output.extra_fields)
         records = extra.pop(DECISIONS_KEY, None)
         if records is None:
-            raise ValueError(f"the {AGENT_NAME} agent loop needs actor_rollout_ref.rollout.name=spd "
-                             f"(no decision records in the rollout output)")
+            raise ValueError(f"no decision records in the rollout output: the {AGENT_NAME} agent loop needs "
+                             f"actor_rollout_ref.rollout.name=spd and trainer.v1.trainer_mode=spd (verl's async "
+                             f"trainer modes rebuild the rollout output and drop its extra fields)")
         length = len(output.response_ids)
         fields = decision_fields(records, length)
         logprobs = output.response_logprobs
