@@ -278,3 +278,23 @@ def test_base_weight_sync(adapter_pair, prompts):
     for row, lp in zip(rows, log_probs):
         mask = row["response_mask"].bool()
         torch.testing.assert_close(lp[mask], row["rollout_log_probs"][mask], atol=1e-5, rtol=1e-5)
+
+
+def test_exported_judge_continues_as_actor(adapter_pair, tiny_world, tmp_path, prompts):
+    """The server's Hugging Face export is a valid actor_rollout_ref.model.path (a run can start
+    from a previous judge): rebuilt through the actor's recipe it scores like the server's judge."""
+    from spd_verl.verl_ext.judge import build_judge
+
+    _, server = adapter_pair
+    path = asyncio.run(server.export_judge(str(tmp_path / "judge")))
+    mc = _dc({"_target_": "verl.workers.config.HFModelConfig", "path": path, "tokenizer_path": tiny_world["draft"],
+              "override_config": {"attn_implementation": "sdpa"}})
+    assert mc.hf_config.model_type == "spd_scoring"
+    rebuilt = build_judge(mc).eval()
+    ids = torch.tensor([prompts[0] + [5, 9, 12, 4]])
+    cands = torch.randint(0, 20, ids.shape, generator=torch.Generator().manual_seed(0))
+    feats = torch.randn(*ids.shape, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = server.judge(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits
+        got = rebuilt(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

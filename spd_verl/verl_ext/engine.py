@@ -56,6 +56,9 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
         if self.ulysses_sequence_parallel_size > 1:
             raise ValueError("the spd_scoring engine does not support Ulysses sequence parallelism "
                              "(decision logits read the previous position's hidden state)")
+        if model_config.use_fused_kernels:
+            raise ValueError(f"{MODEL_KEY}.use_fused_kernels fuses the LM head's log-softmax; the judge has no LM "
+                             f"head: set it to false")
         attn = dict(model_config.override_config or {}).get("attn_implementation", "flash_attention_2")
         if self.use_remove_padding and not str(attn).startswith("flash"):
             # Packed (remove-padding) batches rely on varlen attention; with sdpa/eager the packed
