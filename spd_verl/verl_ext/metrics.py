@@ -25,6 +25,9 @@ def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
         "truncated_rate": total["truncated"] / n,
         "sequences_without_decision": sum(1 for r in rows if not r.get("mismatches")) / n,
     }
+    batch = [float(r["batch_size"]) for r in rows if r.get("batch_size") is not None]
+    if batch:  # sequences per engine call on the rollout server (its request batching at work)
+        out["server_batch_size"] = sum(batch) / len(batch)
     correct = [float(r["correct"]) for r in rows if r.get("correct") is not None]
     if correct:
         out["accuracy"] = sum(correct) / len(correct)
@@ -39,7 +42,8 @@ def rows_from_extra_fields(extra_fields: list[dict], response_lengths: list[int]
         reward_info = extra.get("reward_extra_info") or {}
         rows.append(dict(mismatches=extra.get("spd_mismatches"), accepted_mismatches=extra.get("spd_accepted_mismatches"),
                          target_forwards=extra.get("spd_target_forwards"), truncated=extra.get("spd_truncated"),
-                         response_length=length, correct=reward_info.get("correct")))
+                         response_length=length, correct=reward_info.get("correct"),
+                         batch_size=extra.get("spd_batch_size")))
     return rows
 
 
