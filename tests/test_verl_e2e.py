@@ -36,7 +36,8 @@ def run_main_ppo(world: dict, out: Path, *overrides: str, timeout: int = 600) ->
            f"actor_rollout_ref.rollout.draft_model_path={world['draft']}",
            f"actor_rollout_ref.rollout.target_model_path={world['target']}",
            f"data.train_files={world['train']}", f"data.val_files={world['val']}",
-           "data.max_response_length=16", "trainer.logger=[console,file]", "trainer.save_freq=1",
+           "data.max_response_length=16", "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+           "trainer.total_epochs=1", "trainer.logger=[console,file]", "trainer.save_freq=1",
            f"trainer.default_local_dir={out / 'ckpt'}", *overrides]
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
     (out / "main_ppo.log").write_text(proc.stdout + proc.stderr)
