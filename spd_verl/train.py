@@ -1,0 +1,113 @@
+"""spd-train: the demo's main command — GRPO training of the judge through verl's own
+``python -m verl.trainer.main_ppo`` (nothing else drives training), then a held-out evaluation of
+lossless SD (reject_all) against the trained judge at its threshold.
+
+    spd-train                                   # demo world, configs/spd_demo.yaml, CPU
+    spd-train trainer.total_training_steps=20   # any Hydra override goes to main_ppo
+    spd-train --config-name spd_gsm8k ...       # another config in configs/
+
+Equivalent plain verl command (what this runs):
+
+    VERL_PLATFORM=cpu python -m verl.trainer.main_ppo --config-path $PWD/configs \
+        --config-name spd_demo trainer.default_local_dir=runs/demo/checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[str]:
+    if not (CONFIG_DIR / f"{config_name}.yaml").exists():
+        raise FileNotFoundError(f"no config {config_name}.yaml in {CONFIG_DIR} (spd-train runs from a source "
+                                f"checkout of spd_verl; or call verl.trainer.main_ppo with --config-path yourself)")
+    return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG_DIR),
+            "--config-name", config_name, f"trainer.default_local_dir={out / 'checkpoints'}", *overrides]
+
+
+def latest_judge(checkpoints: Path) -> Path:
+    steps = sorted((int(m.group(1)), p) for p in checkpoints.glob("global_step_*")
+                   if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and (p / "judge" / "config.json").exists())
+    if not steps:
+        raise FileNotFoundError(f"no judge export under {checkpoints}/global_step_*/judge: did training save a "
+                                f"checkpoint (trainer.save_freq)?")
+    return steps[-1][1] / "judge"
+
+
+def compose(config_name: str, overrides: list[str]):
+    import spd_verl.verl_ext.register  # noqa: F401  (config resolvers)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None) -> list[dict]:
+    from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
+    from spd_verl.eval.report import format_table
+    from spd_verl.eval.sweep import Rule, evaluate
+    from spd_verl.spd import RejectAll, ThresholdPolicy
+
+    ro = cfg.actor_rollout_ref.rollout
+    draft = load_causal_lm(ro.draft_model_path, "draft")
+    target = load_causal_lm(ro.target_model_path, "target")
+    tokenizer = load_tokenizer(ro.target_model_path)
+    judge = load_eval_judge(judge_dir, target)
+    rules = [Rule.fixed("reject_all", RejectAll()),
+             Rule.fixed("judge", ThresholdPolicy(ro.score_threshold), ro.score_threshold)]
+    rows = evaluate(rules, draft, target, judge, tokenizer, load_rows(test_file, limit),
+                    gamma=ro.num_speculative_tokens, max_new_tokens=cfg.data.max_response_length,
+                    eos_token_id=eos_token_id(tokenizer, target))
+    print(format_table(rows))
+    base, ours = rows
+    print(f"held-out ({base['n']} problems): reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f} | "
+          f"judge@{ro.score_threshold:g} acc {ours['accuracy']:.1%} tau {ours['tau']:.3f} "
+          f"({ours['tau'] / base['tau']:.2f}x lossless)")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="spd-train", description=__doc__.split("\n\n")[0],
+                                 epilog="Unrecognised arguments are Hydra overrides for main_ppo.")
+    ap.add_argument("--config-name", default="spd_demo")
+    ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoints and eval outputs")
+    ap.add_argument("--test-file", type=Path, help="held-out parquet (default: the demo world's test split)")
+    ap.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems only")
+    ap.add_argument("--no-eval", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    out = args.out.resolve()
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
+    cmd = main_ppo_command(args.config_name, out, overrides)
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, env=env)
+    print(f"main_ppo finished rc={rc} in {time.time() - t0:.0f} s", flush=True)
+    if rc != 0 or args.no_eval:
+        return rc
+    judge_dir = latest_judge(out / "checkpoints")
+    cfg = compose(args.config_name, overrides)
+    test_file = args.test_file
+    if test_file is None:
+        from spd_verl.world import WORLD_DIR
+
+        test_file = WORLD_DIR / "data" / "test.parquet"
+    print(f"held-out evaluation of {judge_dir} on {test_file}", flush=True)
+    held_out_eval(cfg, judge_dir, test_file, args.eval_limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
