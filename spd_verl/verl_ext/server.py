@@ -30,6 +30,7 @@ from ..spd import BernoulliPolicy, SpeculativeDecoder, ThresholdPolicy
 from .config import KEY, SPDRolloutConfig
 from .judge import build_judge, lora_merged, wrap_lora
 from .keys import DECISIONS_KEY
+from .weight_sync import load_synced_weights
 
 logger = logging.getLogger(__name__)
 
@@ -241,66 +242,10 @@ class SPDServer:
         if global_steps is not None:
             self.global_steps = global_steps
 
-    @torch.no_grad()
     def load_weights(self, named: dict, peft_config=None, base_sync_done: bool = True) -> None:
         """Load a sync from the actor into the judge (names as verl's FSDP engine sends them)."""
-        if not named:
-            return
-        if self.merged_sync:
-            if peft_config is not None:
-                raise ValueError("got LoRA adapter weights but actor_rollout_ref.model.lora.merge=True: "
-                                 "the server expects merged weights")
-            self._load_by_name(named, merged=True)
-        elif peft_config is not None and base_sync_done:
-            self._load_adapter(named)
-        else:
-            self._load_by_name(named, merged=False)
-
-    def _load_adapter(self, named: dict) -> None:
-        from peft.utils.save_and_load import get_peft_model_state_dict, set_peft_model_state_dict
-
-        if not hasattr(self.judge, "peft_config"):
-            raise ValueError("got LoRA adapter weights but the actor has no LoRA (actor_rollout_ref.model.lora_rank=0)")
-        expected = set(get_peft_model_state_dict(self.judge))
-        unknown = sorted(set(named) - expected)
-        if unknown:
-            raise ValueError(f"adapter sync has {len(unknown)} names the judge does not have, e.g. {unknown[:3]}; "
-                             f"is the actor's LoRA config the server's?")
-        tensors = {k: v.to(self.device) for k, v in named.items()}
-        set_peft_model_state_dict(self.judge, tensors)
-
-    def _load_by_name(self, named: dict, merged: bool) -> None:
-        params = self.judge.state_dict()
-        resolved, unknown = {}, []
-        for name, tensor in named.items():
-            key = self._resolve(name, params, merged)
-            if key is False:
-                continue
-            if key is None:
-                unknown.append(name)
-            else:
-                resolved[key] = tensor
-        if unknown:
-            raise ValueError(f"weight sync has {len(unknown)} names the judge does not have, e.g. {unknown[:3]}")
-        for key, tensor in resolved.items():
-            if params[key].shape != tensor.shape:
-                raise ValueError(f"weight sync: {key} has shape {tuple(tensor.shape)}, "
-                                 f"judge expects {tuple(params[key].shape)}")
-            params[key].copy_(tensor.to(params[key].dtype))
-
-    @staticmethod
-    def _resolve(name: str, params: dict, merged: bool):
-        """Judge state-dict key for a synced name; False = deliberately skipped; None = unknown."""
-        if merged:
-            # Merged syncs are normalised peft names; the trained head is the modules_to_save copy.
-            if ".original_module." in name or "lora_" in name:
-                return False
-            name = name.replace("base_model.model.", "").replace(".modules_to_save.default.", ".")
-            return name if name in params else None
-        for key in (name, f"base_model.model.{name}"):
-            if key in params:
-                return key
-        return None
+        load_synced_weights(self.judge, named, peft_config=peft_config, base_sync_done=base_sync_done,
+                            merged=self.merged_sync)
 
     # ------------------------------------------------------------------ export and lifecycle
     async def export_judge(self, out_dir: str) -> str:
