@@ -4,7 +4,7 @@ Same prompts, same γ, greedy; outputs must be identical. Prints tokens/s at bat
 time for a set of prompts (HF looped: it does not batch assisted generation; ours batched), and
 the ratios. Both run in this process, interleaved, so machine noise hits both alike.
 
-    .venv/bin/python benchmarks/bench_engine.py [--prompts 16] [--gamma 4] [--max-new-tokens 96]
+    .venv/bin/python benchmarks/bench_engine.py [--prompts 16] [--gamma 4] [--max-new-tokens 96] [--world DIR]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from spd_verl.spd import RejectAll, SpeculativeDecoder
 def load(args):
     from spd_verl.world import load_world
 
-    world = load_world()
+    world = load_world(args.world)
     import pandas as pd
 
-    rows = pd.read_parquet(world.paths["data"] / "test.parquet").head(args.prompts)
+    rows = pd.read_parquet(world.split("test")).head(args.prompts)
     prompts = []
     for msgs in rows["prompt"]:
         ids = world.tokenizer.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=True)
@@ -47,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--world", help="world dir (default: the packaged demo world)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     draft, target, prompts, eos = load(args)
