@@ -25,7 +25,7 @@ from spd_verl.world import problems as P
 N_VAL, N_TEST = 150, 250
 N_TRAIN_COMMITTED = 20_000
 TARGET = dict(layers=4, hidden=128, heads=4, steps=800, lr=3e-3)
-DRAFT = dict(layers=2, hidden=64, heads=4, steps=400, lr=3e-3)
+DRAFT = dict(layers=2, hidden=64, heads=4, steps=250, lr=3e-3)
 MAX_NEW_TOKENS = 128
 
 

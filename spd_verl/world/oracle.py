@@ -42,6 +42,65 @@ class NonDigitRule(Policy):
     def __init__(self, tokenizer):
         self.is_digit = digit_token_mask(tokenizer)
 
+    def decide(self, ctx: DecisionContext) -> torch.Tensor:
+        d, t = ctx.draft_tokens.cpu(), ctx.target_tokens.cpu()
+        return (~(self.is_digit[d] | self.is_digit[t])).to(ctx.draft_tokens.device)
+
+
+@torch.no_grad()
+def greedy_continue(model, prefixes: list[list[int]], max_new_tokens: int, eos_token_id: int,
+                    batch_size: int = 256) -> list[list[int]]:
+    """Greedy continuation of each prefix (left-padded, batched); EOS included when produced."""
+    out: list[list[int]] = []
+    dev = next(model.parameters()).device
+    for s in range(0, len(prefixes), batch_size):
+        chunk = prefixes[s:s + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             max_new_tokens=max(1, max_new_tokens), do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=PAD_ID)
+        for row in gen[:, width:].tolist():
+            cont = []
+            for tok in row:
+                cont.append(tok)
+                if tok == eos_token_id:
+                    break
+            out.append(cont)
+    return out
+
+
+class SingleSwapOracle(Policy):
+    """Accept a mismatch iff swapping in the draft token alone keeps the final answer right.
+
+    Args:
+        target: the target model (greedy continuations).
+        tokenizer: decodes the sequence for the answer check.
+        ground_truths: per prompt of the generate() call (indexed by ``ctx.rows``).
+        max_new_tokens: the response budget of the generate() call.
+        eos_token_id: stops continuations.
+
+    The engine asks about every mismatch of a block, but the walk stops at the first reject, so
+    mismatches are resolved in rounds by position within each row: round k runs one batched
+    greedy generate for the k-th mismatch of every row whose earlier mismatches were accepted;
+    later ones of a rejected row are rejected without a rollout (the walk never reaches them).
+    """
+
+    name = "single_swap_oracle"
+    needs_prefix = True
+
+    def __init__(self, target, tokenizer, ground_truths, max_new_tokens: int, eos_token_id: int):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.ground_truths = [str(g) for g in ground_truths]
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.rollouts = 0  # number of greedy continuations run (cost accounting)
+
     def harmless(self, prefixes, drafts, positions, rows) -> list[bool]:
         """Single-swap test for a list of decisions, with one batched greedy generate."""
         drafts = [int(d) for d in drafts]
