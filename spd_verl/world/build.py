@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", action="store_true", help="with --card-only: measure again")
     ap.add_argument("--resume", action="store_true",
                     help="keep model dirs that already exist under --out (rebuild the rest)")
+    ap.add_argument("--no-card", action="store_true", help="skip the (slow) world card")
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -177,10 +178,12 @@ def main(argv=None) -> int:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     card = build(out, seed=args.seed, target_steps=args.target_steps,
-                 draft_steps=args.draft_steps, threads=args.threads, resume=args.resume)
-    from spd_verl.world.card import format_card
+                 draft_steps=args.draft_steps, threads=args.threads, resume=args.resume,
+                 card=not args.no_card)
+    if card is not None:
+        from spd_verl.world.card import format_card
 
-    print(format_card(card))
+        print(format_card(card))
     return 0
 
 

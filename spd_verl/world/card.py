@@ -78,8 +78,9 @@ def compute_card(world, prompts: list[list[int]], ground_truths: list[str],
     return card
 
 
-def _classify(world, oracle: SingleSwapOracle, res, prompts, is_digit) -> dict:
-    """Single-swap test on every mismatch of the lossless run, split by token class."""
+def _classify(world, oracle: SingleSwapOracle, res, prompts, is_digit, sample: int = 400) -> dict:
+    """Single-swap test on the mismatches of the lossless run (a fixed random sample of at most
+    `sample`: each test is a greedy rollout), split by token class."""
     prefixes, drafts, positions, rows, targets = [], [], [], [], []
     for b, rec in enumerate(res.decisions):
         for p, d, t in zip(rec.positions, rec.draft_tokens, rec.target_tokens):
@@ -90,6 +91,11 @@ def _classify(world, oracle: SingleSwapOracle, res, prompts, is_digit) -> dict:
             rows.append(b)
     if not drafts:
         return dict(harmless_share=float("nan"))
+    total = len(drafts)
+    if total > sample:
+        keep = sorted(torch.randperm(total, generator=torch.Generator().manual_seed(0))[:sample].tolist())
+        prefixes, drafts, positions, rows, targets = (
+            [xs[i] for i in keep] for xs in (prefixes, drafts, positions, rows, targets))
     harmless = oracle.harmless(prefixes, drafts, positions, rows)
     digit = [bool(is_digit[d] or is_digit[t]) for d, t in zip(drafts, targets)]
     n = len(drafts)
@@ -100,7 +106,8 @@ def _classify(world, oracle: SingleSwapOracle, res, prompts, is_digit) -> dict:
         return sum(sel) / max(1, len(sel))
 
     return dict(
-        lossless_mismatches=n,
+        lossless_mismatches=total,
+        classified_mismatches=n,
         harmless_share=sum(harmless) / n,
         digit_mismatch_share=nd / n,
         harmless_share_digit=share(h for h, dg in zip(harmless, digit) if dg),
@@ -119,6 +126,8 @@ def format_card(card: dict) -> str:
         f"greedy accuracy on test {card['draft_accuracy']:.1%}",
         f"- vocab size {card['vocab_size']} (shared); {card['test_problems']} test problems; "
         f"max_new_tokens {card['max_new_tokens']}",
+        "- oracle = single-swap test (knows the ground truth, so its accuracy can exceed the "
+        "target's); non_digit = accept unless the draft or target token is a number",
         "",
     ]
     for gamma, g in card["gammas"].items():
@@ -133,7 +142,8 @@ def format_card(card: dict) -> str:
             "",
             f"- oracle headroom (oracle τ / lossless τ): {g['headroom']:.2f}x",
             f"- non-digit rule captures {g['non_digit_gain_share']:.0%} of the oracle's τ gain",
-            f"- lossless mismatches: {g.get('lossless_mismatches', 0)}, harmless (single-swap) "
+            f"- lossless mismatches: {g.get('lossless_mismatches', 0)} (single-swap tested: "
+            f"{g.get('classified_mismatches', g.get('lossless_mismatches', 0))}), harmless "
             f"{g['harmless_share']:.1%}; digit mismatches {g.get('digit_mismatch_share', 0):.1%} "
             f"of all, of which harmless {g.get('harmless_share_digit', 0):.1%}; "
             f"non-digit harmless {g.get('harmless_share_nondigit', 0):.1%}",
