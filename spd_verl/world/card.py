@@ -115,38 +115,48 @@ def _classify(world, oracle: SingleSwapOracle, res, prompts, is_digit, sample: i
     )
 
 
+def _f(v, spec: str) -> str:
+    """Format a figure; "n/a" where the card lacks it (a partial card)."""
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
 def format_card(card: dict) -> str:
     d, t = card["draft"], card["target"]
     lines = [
         "# spd_verl demo world card",
         "",
         f"- target: {t['params']:,} params, {t['layers']} layers x {t['hidden']} hidden; "
-        f"greedy accuracy on test {card['target_accuracy']:.1%}",
+        f"greedy accuracy on test {_f(card['target_accuracy'], '.1%')}",
         f"- draft:  {d['params']:,} params, {d['layers']} layers x {d['hidden']} hidden; "
-        f"greedy accuracy on test {card['draft_accuracy']:.1%}",
+        f"greedy accuracy on test {_f(card['draft_accuracy'], '.1%')}",
         f"- vocab size {card['vocab_size']} (shared); {card['test_problems']} test problems; "
         f"max_new_tokens {card['max_new_tokens']}",
         "- oracle = single-swap test (knows the ground truth, so its accuracy can exceed the "
         "target's); non_digit = accept unless the draft or target token is a number",
-        "",
     ]
+    if card.get("note"):
+        lines.append(f"- NOTE: {card['note']}")
+    lines.append("")
     for gamma, g in card["gammas"].items():
         lines += [f"## γ = {gamma}", "",
                   "| rule | τ | accuracy | mismatches/seq | accepted-mismatch rate | length |",
                   "|---|---|---|---|---|---|"]
         for name, r in g["rules"].items():
-            lines.append(f"| {name} | {r['tau']:.2f} | {r['accuracy']:.1%} | "
-                         f"{r['mismatches_per_seq']:.2f} | {r['accepted_mismatch_rate']:.1%} | "
-                         f"{r['response_length']:.1f} |")
+            lines.append(f"| {name} | {_f(r.get('tau'), '.2f')} | {_f(r.get('accuracy'), '.1%')} | "
+                         f"{_f(r.get('mismatches_per_seq'), '.2f')} | "
+                         f"{_f(r.get('accepted_mismatch_rate'), '.1%')} | "
+                         f"{_f(r.get('response_length'), '.1f')} |")
         lines += [
             "",
-            f"- oracle headroom (oracle τ / lossless τ): {g['headroom']:.2f}x",
-            f"- non-digit rule captures {g['non_digit_gain_share']:.0%} of the oracle's τ gain",
-            f"- lossless mismatches: {g.get('lossless_mismatches', 0)} (single-swap tested: "
-            f"{g.get('classified_mismatches', g.get('lossless_mismatches', 0))}), harmless "
-            f"{g['harmless_share']:.1%}; digit mismatches {g.get('digit_mismatch_share', 0):.1%} "
-            f"of all, of which harmless {g.get('harmless_share_digit', 0):.1%}; "
-            f"non-digit harmless {g.get('harmless_share_nondigit', 0):.1%}",
+            f"- oracle headroom (oracle τ / lossless τ): {_f(g.get('headroom'), '.2f')}x",
+            f"- non-digit rule captures {_f(g.get('non_digit_gain_share'), '.0%')} of the "
+            f"oracle's τ gain",
+            f"- lossless mismatches: {_f(g.get('lossless_mismatches'), 'd')} (single-swap tested: "
+            f"{_f(g.get('classified_mismatches'), 'd')}), harmless "
+            f"{_f(g.get('harmless_share'), '.1%')}; digit mismatches "
+            f"{_f(g.get('digit_mismatch_share'), '.1%')} of all, of which harmless "
+            f"{_f(g.get('harmless_share_digit'), '.1%')}; non-digit harmless "
+            f"{_f(g.get('harmless_share_nondigit'), '.1%')}",
             "",
         ]
     return "\n".join(lines)
