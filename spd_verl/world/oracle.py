@@ -47,31 +47,12 @@ class NonDigitRule(Policy):
         return (~(self.is_digit[d] | self.is_digit[t])).to(ctx.draft_tokens.device)
 
 
-@torch.no_grad()
 def greedy_continue(model, prefixes: list[list[int]], max_new_tokens: int, eos_token_id: int,
                     batch_size: int = 256) -> list[list[int]]:
     """Greedy continuation of each prefix (left-padded, batched); EOS included when produced."""
-    out: list[list[int]] = []
-    dev = next(model.parameters()).device
-    for s in range(0, len(prefixes), batch_size):
-        chunk = prefixes[s:s + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                             max_new_tokens=max(1, max_new_tokens), do_sample=False,
-                             eos_token_id=eos_token_id, pad_token_id=PAD_ID)
-        for row in gen[:, width:].tolist():
-            cont = []
-            for tok in row:
-                cont.append(tok)
-                if tok == eos_token_id:
-                    break
-            out.append(cont)
-    return out
+    from .train import greedy_generate
+
+    return greedy_generate(model, prefixes, max(1, max_new_tokens), batch_size, eos_token_id)
 
 
 class SingleSwapOracle(Policy):

@@ -129,9 +129,10 @@ def train_model(spec: ModelSpec, vocab_size: int, examples, seed: int, log=print
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int = 96,
-                    batch_size: int = 128) -> list[list[int]]:
+                    batch_size: int = 128, eos_token_id: int = EOS_ID) -> list[list[int]]:
     """Greedy responses (EOS included when produced), batched with left padding."""
     out: list[list[int]] = []
+    dev = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(map(len, chunk))
@@ -140,13 +141,13 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int = 96,
         for row, p in enumerate(chunk):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=PAD_ID)
         for row in gen[:, width:].tolist():
             resp = []
             for t in row:
                 resp.append(t)
-                if t == EOS_ID:
+                if t == eos_token_id:
                     break
             out.append(resp)
     return out
