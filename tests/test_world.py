@@ -65,6 +65,29 @@ def test_style_freedom_is_skewed(sample):
     assert commuted > 0
 
 
+def test_draft_house_style_same_problems_other_odds(sample, tok):
+    """The draft's data: same questions and answers, correct arithmetic, same vocabulary, but
+    the other style's favourite choices (the world's harmless mismatches)."""
+    drafted = P.restyle(sample, P.DRAFT_STYLE, seed=3)
+    assert P.restyle(sample[:50], P.DRAFT_STYLE, seed=3) == drafted[:50]  # deterministic
+    assert [(p.question, p.answer) for p in drafted] == [(p.question, p.answer) for p in sample]
+    assert all(P.check_solution(p) for p in drafted)
+    vocab = tok.get_vocab()
+    assert all(w in vocab for p in drafted[:300] for w in p.solution.split())
+
+    def share_first(ps, word):
+        return sum(p.solution.split(" . ")[1].split()[0] == word for p in ps) / len(ps)
+
+    assert share_first(sample, "First") > 0.6 and share_first(drafted, "First") < 0.3
+    assert share_first(drafted, "To") > 0.6
+
+    def larger_first(ps):
+        adds = [(p, x, b) for p in ps for (x, op, b, r) in p.steps if op == "+" and b > x]
+        return sum(f"{P.digits(b)} + {P.digits(x)} =" in p.solution for p, x, b in adds) / len(adds)
+
+    assert larger_first(sample) > 0.7 and larger_first(drafted) < 0.3
+
+
 def test_tokenizer_round_trip(tok, sample):
     vocab = tok.get_vocab()
     assert [vocab[s] for s in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]

@@ -25,7 +25,7 @@ from spd_verl.world import problems as P
 N_VAL, N_TEST = 150, 250
 N_TRAIN_COMMITTED = 20_000
 TARGET = dict(layers=4, hidden=128, heads=4, steps=800, lr=3e-3)
-DRAFT = dict(layers=2, hidden=64, heads=4, steps=250, lr=3e-3)
+DRAFT = dict(layers=2, hidden=64, heads=4, steps=500, lr=3e-3)
 MAX_NEW_TOKENS = 128
 
 
@@ -95,6 +95,9 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
     tok = build_tokenizer()
     tok.save_pretrained(out / "tokenizer")
     examples = encode_examples(tok, train)
+    # The draft learns the same problems in its own house style (problems.DRAFT_STYLE): the
+    # source of the world's harmless mismatches, wording and digits both.
+    draft_examples = encode_examples(tok, P.restyle(train, P.DRAFT_STYLE, seed=seed * 1000 + 4))
     _log(f"[world] tokenizer: {len(tok)} tokens; examples encoded  ({time.time() - t0:.0f}s)")
 
     val_prompts = [prompt_ids(tok, p.question) for p in val[:100]]
@@ -105,12 +108,13 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
                  for r, p in zip(resp, val))
         _log(f"  step {step:5d}  val greedy accuracy {ok / len(val_prompts):.1%}")
 
-    for name, spec, s in (("target", tspec, seed), ("draft", dspec, seed + 1)):
+    for name, spec, s, ex in (("target", tspec, seed, examples),
+                              ("draft", dspec, seed + 1, draft_examples)):
         if resume and (out / name / "config.json").exists():
             _log(f"[world] keeping existing {name}")
             continue
         _log(f"[world] training {name}: {spec.layers} layers x {spec.hidden}, {spec.steps} steps")
-        model = train_model(spec, len(tok), examples, seed=s, threads=threads, log=_log,
+        model = train_model(spec, len(tok), ex, seed=s, threads=threads, log=_log,
                             callback=val_accuracy, callback_every=200)
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)

@@ -52,6 +52,45 @@ LAST_OPENERS = [("Finally ,", 0.60), ("Then", 0.30), ("Last ,", 0.10)]
 CONNECTIVES = [(", so", 0.75), (":", 0.15), (", and", 0.10)]
 FINAL_STYLES = [("So {p} has {r} .", 0.70), ("The answer is {r} .", 0.20), ("", 0.10)]
 
+
+@dataclass(frozen=True)
+class Style:
+    """A house style: the weights of every free choice in a solution. Same words, other odds."""
+
+    start: list
+    first: list
+    mid: list
+    last: list
+    connective: list
+    final: list
+    gain_synonyms: list
+    loss_synonyms: list
+    larger_first: float  # P(larger operand first | addition whose second operand is larger)
+    restate_after_loss: float  # P("Now he has r ." after a non-final loss step)
+    restate_after_gain: float
+
+
+# The target's data. The draft learns the same problems written in another house style (as a
+# small model tuned on a different corpus would): wherever the two styles' favourite choices
+# differ, SD sees a mismatch that is harmless — wording, and *digits* too (the draft writes
+# the smaller operand first and restates totals more often), so "reject every digit" is not
+# the answer. Harmful mismatches stay: result digits and operation verbs of the wrong class.
+TARGET_STYLE = Style(START_STYLES, FIRST_OPENERS, MID_OPENERS, LAST_OPENERS, CONNECTIVES,
+                     FINAL_STYLES, GAIN_SYNONYMS, LOSS_SYNONYMS, larger_first=0.85,
+                     restate_after_loss=0.7, restate_after_gain=0.25)
+DRAFT_STYLE = Style(
+    start=[("At first {p} has {a} .", 0.70), ("{N} starts with {a} .", 0.20),
+           ("{N} has {a} at first .", 0.10)],
+    first=[("To start ,", 0.75), ("First ,", 0.20), ("", 0.05)],
+    mid=[("Next ,", 0.65), ("Then", 0.25), ("After that ,", 0.10)],
+    last=[("Last ,", 0.60), ("Finally ,", 0.30), ("Then", 0.10)],
+    connective=[(":", 0.75), (", so", 0.15), (", and", 0.10)],
+    final=[("The answer is {r} .", 0.70), ("So {p} has {r} .", 0.20), ("", 0.10)],
+    gain_synonyms=[("gets", 0.45), ("gains", 0.10), ("adds", 0.05)],
+    loss_synonyms=[("gives up", 0.30), ("loses", 0.20), ("spends", 0.05)],
+    larger_first=0.15, restate_after_loss=0.95, restate_after_gain=0.8)
+STYLES = {"target": TARGET_STYLE, "draft": DRAFT_STYLE}
+
 DATA_SOURCE = "spd_arith"
 ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 
@@ -140,31 +179,40 @@ def _question(p: Problem) -> str:
     return _clean(" ".join(parts))
 
 
-def _solution(p: Problem, rng: random.Random) -> str:
+def _solution(p: Problem, rng: random.Random, style: Style = TARGET_STYLE) -> str:
     fmt = dict(N=p.name, p=p.pronoun, a=digits(p.start), items=p.item)
-    out = [_pick(rng, START_STYLES).format(**fmt)]
+    out = [_pick(rng, style.start).format(**fmt)]
     last = len(p.steps) - 1
     for i, ((x, op, b, r), ev) in enumerate(zip(p.steps, p.events)):
-        opener = _pick(rng, FIRST_OPENERS if i == 0 else LAST_OPENERS if i == last else MID_OPENERS)
-        syn = _pick(rng, (GAIN_SYNONYMS if op == "+" else LOSS_SYNONYMS) + [(None, 1.0)])
+        opener = _pick(rng, style.first if i == 0 else style.last if i == last else style.mid)
+        syn = _pick(rng, (style.gain_synonyms if op == "+" else style.loss_synonyms) + [(None, 1.0)])
         verb = syn or ECHO[ev]
-        # Additions mostly put the larger operand first: a harmless digit mismatch when the
-        # draft gets the comparison wrong.
-        if op == "+" and b > x and rng.random() < 0.85:
+        # The order of an addition's operands is free: a harmless digit mismatch when the two
+        # models order them differently.
+        if op == "+" and b > x and rng.random() < style.larger_first:
             eq = f"{digits(b)} + {digits(x)} = {digits(r)}"
         else:
             eq = f"{digits(x)} {op} {digits(b)} = {digits(r)}"
-        conn = _pick(rng, CONNECTIVES)
+        conn = _pick(rng, style.connective)
         pron = p.pronoun if opener else p.pronoun.capitalize()
         out.append(f"{opener} {pron} {verb} {digits(b)} {conn} {eq} .")
-        # Optional restated running total (harmless either way); more likely after a loss.
-        if i < last and rng.random() < (0.7 if op == "-" else 0.25):
+        # Optional restated running total (harmless either way).
+        restate = style.restate_after_loss if op == "-" else style.restate_after_gain
+        if i < last and rng.random() < restate:
             out.append(f"Now {p.pronoun} has {digits(r)} .")
     fmt.update(r=digits(p.answer))
-    final = _pick(rng, FINAL_STYLES).format(**fmt)
+    final = _pick(rng, style.final).format(**fmt)
     out.append(final)
     out.append(f"#### {p.answer}")
     return _clean(" ".join(out))
+
+
+def restyle(problems: list[Problem], style: Style, seed: int) -> list[Problem]:
+    """The same problems with solutions re-written in ``style`` (deterministic from seed)."""
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+    return [replace(p, solution=_solution(p, rng, style)) for p in problems]
 
 
 def generate(n: int, seed: int) -> list[Problem]:
