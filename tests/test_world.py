@@ -88,6 +88,15 @@ def test_draft_house_style_same_problems_other_odds(sample, tok):
     assert larger_first(sample) > 0.7 and larger_first(drafted) < 0.3
 
 
+def test_restyle_share(sample):
+    part = P.restyle(sample, P.DRAFT_STYLE, seed=4, share=0.1)
+    changed = sum(a.solution != b.solution for a, b in zip(part, sample)) / len(sample)
+    assert 0.05 < changed < 0.12  # a few restyled solutions come out identical by chance
+    assert P.restyle(sample, P.DRAFT_STYLE, seed=4, share=0.0) == sample
+    with pytest.raises(ValueError, match="share must be in"):
+        P.restyle(sample, P.DRAFT_STYLE, seed=4, share=1.5)
+
+
 def test_tokenizer_round_trip(tok, sample):
     vocab = tok.get_vocab()
     assert [vocab[s] for s in ("<pad>", "<s>", "</s>", "<unk>")] == [0, 1, 2, 3]

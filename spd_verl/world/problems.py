@@ -207,12 +207,17 @@ def _solution(p: Problem, rng: random.Random, style: Style = TARGET_STYLE) -> st
     return _clean(" ".join(out))
 
 
-def restyle(problems: list[Problem], style: Style, seed: int) -> list[Problem]:
-    """The same problems with solutions re-written in ``style`` (deterministic from seed)."""
+def restyle(problems: list[Problem], style: Style, seed: int, share: float = 1.0) -> list[Problem]:
+    """The same problems, a ``share`` of them (chosen at random) with solutions re-written in
+    ``style``; deterministic from seed."""
     from dataclasses import replace
 
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
     rng = random.Random(seed)
-    return [replace(p, solution=_solution(p, rng, style)) for p in problems]
+    # share == 1 draws nothing extra, so a full restyle is the same stream as before shares.
+    return [replace(p, solution=_solution(p, rng, style)) if share == 1.0 or rng.random() < share
+            else p for p in problems]
 
 
 def generate(n: int, seed: int) -> list[Problem]:
