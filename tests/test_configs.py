@@ -14,6 +14,7 @@ SEED_OVERRIDES = [
     "actor_rollout_ref.rollout.draft_model_path=/d", "actor_rollout_ref.rollout.target_model_path=/t",
     "actor_rollout_ref.model.path=/d", "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.optim.lr=3e-6",
     "data.train_files=/x.parquet", "data.val_files=/y.parquet", "trainer.n_gpus_per_node=4",
+    "spd.reward.alpha=0.25", "spd.reward.kind=tau_bonus",
 ]
 
 
@@ -33,6 +34,7 @@ def test_config_composes_with_seed_overrides(name):
     assert cfg.actor_rollout_ref.model.lora_rank == 64
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
     assert (rollout.score_threshold, rollout.num_speculative_tokens, rollout.n) == (0.7, 6, 5)
+    assert (cfg.spd.reward.alpha, cfg.spd.reward.kind) == (0.25, "tau_bonus")
     assert "ppo_epochs" in OmegaConf.to_container(cfg.actor_rollout_ref.actor)  # verl's defaults came along
 
 
