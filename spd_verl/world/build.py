@@ -24,13 +24,16 @@ from spd_verl.world import problems as P
 # split is a modest prefix of that stream.
 N_VAL, N_TEST = 150, 250
 N_TRAIN_COMMITTED = 20_000
-TARGET = dict(layers=4, hidden=128, heads=4, steps=1000, lr=3e-3)
-# The target also reads this share of its problems in the draft's house style, as a large model
-# has seen many phrasings. Trained on its own style only, it derailed on the draft's: the
-# non-digit rule (which never accepts a digit) lost 4.4 points of accuracy to wrong sums the
-# *target* wrote after a run of accepted draft wording.
+TARGET = dict(layers=4, hidden=128, heads=4, steps=800, lr=3e-3)
+DRAFT = dict(layers=2, hidden=64, heads=4, steps=250, lr=3e-3)
+# `--house-styles`: the variant world measured in README "Results" (not the shipped one). The
+# draft learns the problems in its own house style (problems.DRAFT_STYLE), the target also reads
+# TARGET_OTHER_STYLE_SHARE of its problems in that style (trained on its own style only, it
+# derailed on the draft's wording) and both train longer. Oracle headroom 1.62x at gamma 6 instead
+# of 1.21x, but there the training-free typical-acceptance rule beats the GRPO judge at the
+# -1 point bar.
+HOUSE_STYLES = dict(target_steps=1000, draft_steps=500)
 TARGET_OTHER_STYLE_SHARE = 0.1
-DRAFT = dict(layers=2, hidden=64, heads=4, steps=500, lr=3e-3)
 MAX_NEW_TOKENS = 128
 
 
@@ -76,7 +79,7 @@ def read_split(path: Path):
 
 def build(out: Path, seed: int = 0, target_steps: int | None = None,
           draft_steps: int | None = None, threads: int = 2, card: bool = True,
-          resume: bool = False) -> dict | None:
+          resume: bool = False, house_styles: bool = False) -> dict | None:
     """Build every stage into ``out``. With ``resume``, a model directory that already exists
     is kept (each stage is seeded on its own, so this equals a full build with the same
     settings)."""
@@ -87,6 +90,9 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
     from spd_verl.world.train import ModelSpec, encode_examples, greedy_generate, train_model
 
     t0 = time.time()
+    if house_styles:
+        target_steps = target_steps or HOUSE_STYLES["target_steps"]
+        draft_steps = draft_steps or HOUSE_STYLES["draft_steps"]
     tspec = ModelSpec(**{**TARGET, **({"steps": target_steps} if target_steps else {})})
     dspec = ModelSpec(**{**DRAFT, **({"steps": draft_steps} if draft_steps else {})})
     n_train = max(tspec.steps * tspec.batch_size, N_TRAIN_COMMITTED)
@@ -99,11 +105,12 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
 
     tok = build_tokenizer()
     tok.save_pretrained(out / "tokenizer")
-    examples = encode_examples(tok, P.restyle(train, P.DRAFT_STYLE, seed=seed * 1000 + 5,
-                                              share=TARGET_OTHER_STYLE_SHARE))
-    # The draft learns the same problems in its own house style (problems.DRAFT_STYLE): the
-    # source of the world's harmless mismatches, wording and digits both.
-    draft_examples = encode_examples(tok, P.restyle(train, P.DRAFT_STYLE, seed=seed * 1000 + 4))
+    examples = encode_examples(tok, train)
+    draft_examples = examples
+    if house_styles:
+        examples = encode_examples(tok, P.restyle(train, P.DRAFT_STYLE, seed=seed * 1000 + 5,
+                                                  share=TARGET_OTHER_STYLE_SHARE))
+        draft_examples = encode_examples(tok, P.restyle(train, P.DRAFT_STYLE, seed=seed * 1000 + 4))
     _log(f"[world] tokenizer: {len(tok)} tokens; examples encoded  ({time.time() - t0:.0f}s)")
 
     val_prompts = [prompt_ids(tok, p.question) for p in val[:100]]
@@ -127,12 +134,14 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
         _log(f"[world] {name} saved  ({time.time() - t0:.0f}s)")
         del model
     torch.set_num_threads(threads)
-    result = make_card(out) if card else None
+    note = ("house-styles variant: the draft learned the problems in problems.DRAFT_STYLE, the "
+            "target also read 10% of them in it") if house_styles else None
+    result = make_card(out, note) if card else None
     _log(f"[world] built in {time.time() - t0:.0f}s")
     return result
 
 
-def make_card(out: Path) -> dict:
+def make_card(out: Path, note: str | None = None) -> dict:
     from spd_verl.world import load_world
     from spd_verl.world.card import compute_card, format_card
     from spd_verl.world.tokenizer import prompt_ids
@@ -142,6 +151,8 @@ def make_card(out: Path) -> dict:
     prompts = [prompt_ids(world.tokenizer, t) for t in texts]
     _log("[world] computing the world card")
     card = compute_card(world, prompts, gts, max_new_tokens=MAX_NEW_TOKENS, log=_log)
+    if note:
+        card["note"] = note
     (out / "card.json").write_text(json.dumps(card, indent=2))
     (out / "card.md").write_text(format_card(card))
     return card
@@ -160,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-card", action="store_true", help="skip the (slow) world card")
     ap.add_argument("--target-steps", type=int, default=None)
     ap.add_argument("--draft-steps", type=int, default=None)
+    ap.add_argument("--house-styles", action="store_true",
+                    help="build the house-style variant world (draft in problems.DRAFT_STYLE; "
+                         "README: Results)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     out: Path = args.out
@@ -189,6 +203,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     card = build(out, seed=args.seed, target_steps=args.target_steps,
                  draft_steps=args.draft_steps, threads=args.threads, resume=args.resume,
+                 house_styles=args.house_styles,
                  card=not args.no_card)
     if card is not None:
         from spd_verl.world.card import format_card

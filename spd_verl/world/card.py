@@ -129,9 +129,6 @@ def format_card(card: dict) -> str:
         f"greedy accuracy on test {_f(card['target_accuracy'], '.1%')}",
         f"- draft:  {d['params']:,} params, {d['layers']} layers x {d['hidden']} hidden; "
         f"greedy accuracy on test {_f(card['draft_accuracy'], '.1%')}",
-        "- the draft learned the same problems written in another house style "
-        "(problems.DRAFT_STYLE): its favourite wordings, operand order and restated totals "
-        "differ from the target's",
         f"- vocab size {card['vocab_size']} (shared); {card['test_problems']} test problems; "
         f"max_new_tokens {card['max_new_tokens']}",
         "- oracle = single-swap test (knows the ground truth, so its accuracy can exceed the "
