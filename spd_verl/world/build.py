@@ -135,7 +135,7 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
         del model
     torch.set_num_threads(threads)
     note = ("house-styles variant: the draft learned the problems in problems.DRAFT_STYLE, the "
-            "target also read 10% of them in it") if house_styles else None
+            f"target also read {TARGET_OTHER_STYLE_SHARE:.0%} of them in it") if house_styles else None
     result = make_card(out, note) if card else None
     _log(f"[world] built in {time.time() - t0:.0f}s")
     return result

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MAX_OPERAND = 49  # operands < 50
 MAX_TOTAL = 99  # running totals stay two-digit: one answer token per value 0..99 in the vocab
@@ -89,7 +89,6 @@ DRAFT_STYLE = Style(
     gain_synonyms=[("gets", 0.45), ("gains", 0.10), ("adds", 0.05)],
     loss_synonyms=[("gives up", 0.30), ("loses", 0.20), ("spends", 0.05)],
     larger_first=0.15, restate_after_loss=0.95, restate_after_gain=0.8)
-STYLES = {"target": TARGET_STYLE, "draft": DRAFT_STYLE}
 
 DATA_SOURCE = "spd_arith"
 ANSWER_RE = re.compile(r"####\s*(-?\d+)")
@@ -210,8 +209,6 @@ def _solution(p: Problem, rng: random.Random, style: Style = TARGET_STYLE) -> st
 def restyle(problems: list[Problem], style: Style, seed: int, share: float = 1.0) -> list[Problem]:
     """The same problems, a ``share`` of them (chosen at random) with solutions re-written in
     ``style``; deterministic from seed."""
-    from dataclasses import replace
-
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
     rng = random.Random(seed)
