@@ -9,6 +9,7 @@ rolled back by invalidating slots (see cache.py), so rows may diverge freely.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,15 +100,20 @@ class SpeculativeDecoder:
             tok = logp.argmax(dim=-1)
         return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
-    def _validate(self, prompts, policy, max_new_tokens):
+    def _validate(self, prompts, policy, max_new_tokens) -> list[int]:
+        """Checks the inputs; returns the per-prompt token limits."""
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a spd_verl.spd.Policy, got {type(policy).__name__}")
         if policy.needs_judge and self.judge is None:
             raise ValueError(f"policy {policy.name!r} needs a judge but SpeculativeDecoder has judge=None")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if len(prompts) == 0:
             raise ValueError("prompts is empty: nothing to generate")
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(limits)} limits for {len(prompts)} prompts")
+        bad = [m for m in limits if isinstance(m, bool) or not isinstance(m, int) or m < 1]
+        if bad:
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (or one per prompt), got {bad[0]!r}")
         vocab = _vocab_size(self.target)
         for i, p in enumerate(prompts):
             if len(p) == 0:
@@ -115,13 +121,15 @@ class SpeculativeDecoder:
             bad = [t for t in p if not 0 <= int(t) < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return limits
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], policy: Policy | None = None, max_new_tokens: int = 64,
-                 eos_token_id=None) -> SDResult:
+    def generate(self, prompts: list[list[int]], policy: Policy | None = None,
+                 max_new_tokens: int | Sequence[int] = 64, eos_token_id=None) -> SDResult:
+        """max_new_tokens: one limit for all prompts, or one per prompt."""
         policy = RejectAll() if policy is None else policy
-        self._validate(prompts, policy, max_new_tokens)
+        limits = self._validate(prompts, policy, max_new_tokens)
         dev, gamma, eos = self.device, self.gamma, _eos_set(eos_token_id)
         use_judge = policy.needs_judge
         B = len(prompts)
@@ -229,7 +237,7 @@ class SpeculativeDecoder:
             for i, b in enumerate(active):
                 ri = r_list[i]
                 emitted = d_list[i][:ri] + [t_list[i][ri]]
-                room = max_new_tokens - len(responses[b])
+                room = limits[b] - len(responses[b])
                 cut = min(len(emitted), room)
                 for j, tok in enumerate(emitted[:cut]):
                     if tok in eos:
@@ -249,7 +257,7 @@ class SpeculativeDecoder:
                 responses[b].extend(emitted[:cut])
                 counters["draft_proposed"] += gamma
                 counters["draft_kept"] += min(ri, cut)
-                if cut < len(emitted) or len(responses[b]) >= max_new_tokens or (cut and emitted[cut - 1] in eos):
+                if cut < len(emitted) or len(responses[b]) >= limits[b] or (cut and emitted[cut - 1] in eos):
                     done.append(i)
 
             # 6. Roll back caches to the kept prefix, set the next pending tokens, drop finished rows.

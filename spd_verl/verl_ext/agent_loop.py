@@ -8,21 +8,27 @@ position, so the output carries (DESIGN.md §4, aligned with ``responses``):
 - ``response_logprobs`` = the rollout's decision log-probs (→ ``rollout_log_probs``);
 - ``spd_draft_tokens``, ``spd_target_tokens``, ``spd_actions``, ``spd_old_logits``,
   ``spd_features`` tensors that reach the actor engine (``engine.SPDScoringEngine``);
-- per-sequence SPD statistics in ``extra_fields`` (reward manager and metrics).
+- per-sequence SPD statistics in ``extra_fields`` (reward manager and metrics);
+- with ``spd.credit.branches`` > 0, on training rollouts, ``spd_credit``: the per-decision credit δ
+  of ``credit.py`` at the branched decisions (0 elsewhere), which the trainer adds to the advantage.
 
 Works with the V1 trainer (TransferQueue path), whose agent-loop worker stores ``as_dict()``.
 """
 
 from __future__ import annotations
 
+import random
+import zlib
 from typing import Any, Optional
+from uuid import uuid4
 
 import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
 from ..spd.policies import NUM_FEATURES
-from .keys import DECISIONS_KEY, SIDE_FIELDS
+from .credit import credit_config_from, decision_credit
+from .keys import CREDIT_KEY, DECISIONS_KEY, SIDE_FIELDS
 
 AGENT_NAME = "spd_agent"
 
@@ -35,11 +41,12 @@ class SPDAgentLoopOutput(AgentLoopOutput):
     spd_actions: Optional[list[float]] = None
     spd_old_logits: Optional[list[float]] = None
     spd_features: Optional[list[list[float]]] = None
+    spd_credit: Optional[list[float]] = None
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
         dtypes = dict(spd_draft_tokens=torch.int64, spd_target_tokens=torch.int64)
-        for key in SIDE_FIELDS:
+        for key in (*SIDE_FIELDS, CREDIT_KEY):
             value = output.pop(key, None)
             if value is not None:
                 output[key] = torch.tensor(value, dtype=dtypes.get(key, torch.float32))
@@ -86,6 +93,31 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         if logprobs is None or len(logprobs) != length:
             raise ValueError(f"spd rollout returned {None if logprobs is None else len(logprobs)} decision "
                              f"log-probs for a response of {length} tokens")
+        if float(sampling_params.get("temperature", 0.0)) > 0:  # training rollouts only
+            credit = await self._decision_credit(output, records, kwargs)
+            if credit is not None:
+                fields[CREDIT_KEY] = [float(credit.get(p, 0)) for p in range(length)]
+                extra["spd_branches"] = len(credit)
+                extra["spd_branch_decisive"] = sum(1 for v in credit.values() if v != 0)
         data = output.model_dump(exclude={"response_mask", "extra_fields"})
         data["metrics"] = output.metrics
         return SPDAgentLoopOutput(**data, **fields, extra_fields=extra)
+
+    async def _decision_credit(self, output, records: dict, kwargs: dict) -> dict[int, int] | None:
+        cfg = credit_config_from(self.config)
+        if not cfg.branches:
+            return None
+        ground_truth = (kwargs.get("reward_model") or {}).get("ground_truth")
+        if ground_truth is None:
+            raise ValueError(f"spd.credit.branches={cfg.branches} needs reward_model.ground_truth in every row "
+                             f"(data_source={kwargs.get('data_source')!r}, extra_info={kwargs.get('extra_info')!r})")
+
+        async def generate(prompt_ids, sampling_params):
+            out = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
+                                                     sampling_params=sampling_params)
+            return out.token_ids
+
+        # Which decisions get branched: a function of the rollout itself, so a run is repeatable.
+        rng = random.Random(zlib.crc32(bytes(str(output.response_ids), "ascii")))
+        return await decision_credit(generate, self.tokenizer, list(output.prompt_ids), list(output.response_ids),
+                                     records, ground_truth, self.response_length, cfg.branches, rng)

@@ -7,3 +7,7 @@ STAT_KEYS = ("spd_mismatches", "spd_accepted_mismatches", "spd_target_forwards",
 DECISIONS_KEY = "spd_decisions"
 # Batch fields (per response position) the agent loop emits and the actor engine consumes.
 SIDE_FIELDS = ("spd_draft_tokens", "spd_target_tokens", "spd_actions", "spd_old_logits", "spd_features")
+# Sampling param selecting lossless decoding for one request (the credit branches' continuations).
+POLICY_PARAM = "spd_policy"
+# Per-position credit the agent loop adds next to the side fields (0 where no branch was run).
+CREDIT_KEY = "spd_credit"

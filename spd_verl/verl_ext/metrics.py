@@ -28,6 +28,10 @@ def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
     batch = [float(r["batch_size"]) for r in rows if r.get("batch_size") is not None]
     if batch:  # sequences per engine call on the rollout server (its request batching at work)
         out["server_batch_size"] = sum(batch) / len(batch)
+    branches = sum(float(r.get("branches") or 0) for r in rows)
+    if branches:  # per-decision credit (credit.py): share of branched decisions that decided the answer
+        out["credit_branches_per_seq"] = branches / n
+        out["credit_decisive_rate"] = sum(float(r.get("branch_decisive") or 0) for r in rows) / branches
     correct = [float(r["correct"]) for r in rows if r.get("correct") is not None]
     if correct:
         out["accuracy"] = sum(correct) / len(correct)
@@ -43,7 +47,8 @@ def rows_from_extra_fields(extra_fields: list[dict], response_lengths: list[int]
         rows.append(dict(mismatches=extra.get("spd_mismatches"), accepted_mismatches=extra.get("spd_accepted_mismatches"),
                          target_forwards=extra.get("spd_target_forwards"), truncated=extra.get("spd_truncated"),
                          response_length=length, correct=reward_info.get("correct"),
-                         batch_size=extra.get("spd_batch_size")))
+                         batch_size=extra.get("spd_batch_size"), branches=extra.get("spd_branches"),
+                         branch_decisive=extra.get("spd_branch_decisive")))
     return rows
 
 

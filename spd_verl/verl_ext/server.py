@@ -7,7 +7,9 @@ an inference server batches. The judge's weights come from the actor on every ``
 (adapter-only or merged, verl's two LoRA sync modes).
 
 Decision rule per request: temperature 0 (verl's validation default) or ``decision_mode=threshold``
-→ accept iff σ(s) > ``score_threshold``; otherwise accept ~ Bernoulli(σ(s / T)).
+→ accept iff σ(s) > ``score_threshold``; otherwise accept ~ Bernoulli(σ(s / T)). A request whose
+sampling params carry ``spd_policy="reject_all"`` is decoded losslessly (the target's greedy text):
+the per-decision credit of ``credit.py`` continues its branches that way.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.replica import TokenOutput
 
 from ..scoring_model import decision_log_probs, export_judge
-from ..spd import BernoulliPolicy, SpeculativeDecoder, ThresholdPolicy
+from ..spd import BernoulliPolicy, RejectAll, SpeculativeDecoder, ThresholdPolicy
 from .config import KEY, SPDRolloutConfig
 from .judge import build_judge, lora_merged, wrap_lora
-from .keys import DECISIONS_KEY
+from .keys import DECISIONS_KEY, POLICY_PARAM
 from .weight_sync import load_synced_weights
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class TemperedBernoulli(BernoulliPolicy):
 @dataclass
 class _Request:
     prompt_ids: list
-    key: tuple  # (mode, temperature, max_new_tokens): requests sharing it run in one engine call
+    key: tuple  # (mode, temperature, max_new_tokens); requests sharing (mode, temperature) share an engine call
     future: asyncio.Future
 
 
@@ -159,10 +161,21 @@ class SPDServer:
         temperature = float(sampling_params.get("temperature", self.config.temperature))
         if temperature < 0:
             raise ValueError(f"sampling temperature must be >= 0, got {temperature}")
-        mode = "threshold" if self.config.decision_mode == "threshold" or temperature == 0 else "sample"
+        policy = sampling_params.get(POLICY_PARAM)
+        if policy is not None and policy != "reject_all":
+            raise ValueError(f"sampling param {POLICY_PARAM}={policy!r}: the spd server knows only 'reject_all'")
+        if policy == "reject_all":
+            mode = "lossless"
+        else:
+            mode = "threshold" if self.config.decision_mode == "threshold" or temperature == 0 else "sample"
         limit = sampling_params.get("max_tokens") or sampling_params.get("max_new_tokens") or \
             self.config.response_length
         return mode, temperature if mode == "sample" else 1.0, int(min(limit, self.config.response_length))
+
+    @staticmethod
+    def _group_key(key: tuple) -> tuple:
+        # Requests differing only in their token limit share one engine call (per-row limits).
+        return key[:2]
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, video_data=None,
                        **kwargs) -> TokenOutput:
@@ -182,11 +195,12 @@ class SPDServer:
             self._queue = self._queue[self.config.max_batch_size:]
             groups: dict[tuple, list[_Request]] = {}
             for r in batch:
-                groups.setdefault(r.key, []).append(r)
+                groups.setdefault(self._group_key(r.key), []).append(r)
             async with self._lock:
                 for key, reqs in groups.items():
                     try:
-                        outputs = await asyncio.to_thread(self._generate_group, key, [r.prompt_ids for r in reqs])
+                        outputs = await asyncio.to_thread(self._generate_group, key, [r.prompt_ids for r in reqs],
+                                                          [r.key[2] for r in reqs])
                     except Exception as e:  # every waiting request learns why
                         for r in reqs:
                             if not r.future.done():
@@ -196,16 +210,17 @@ class SPDServer:
                         if not r.future.done():
                             r.future.set_result(out)
 
-    def _generate_group(self, key: tuple, prompts: list[list[int]]) -> list[TokenOutput]:
-        mode, temperature, max_new_tokens = key
-        if mode == "threshold":
+    def _generate_group(self, key: tuple, prompts: list[list[int]], limits: list[int]) -> list[TokenOutput]:
+        mode, temperature = key
+        if mode == "lossless":
+            policy = RejectAll()
+        elif mode == "threshold":
             policy = ThresholdPolicy(self.config.score_threshold)
         else:
             policy = TemperedBernoulli(self._rng.randrange(2**62), temperature)
-        result = self.decoder.generate(prompts, policy=policy, max_new_tokens=max_new_tokens,
-                                       eos_token_id=self.eos_token_id)
-        outputs = [self._token_output(resp, rec, temperature, max_new_tokens, mode)
-                   for resp, rec in zip(result.responses, result.decisions)]
+        result = self.decoder.generate(prompts, policy=policy, max_new_tokens=limits, eos_token_id=self.eos_token_id)
+        outputs = [self._token_output(resp, rec, temperature, limit, mode)
+                   for resp, rec, limit in zip(result.responses, result.decisions, limits)]
         for out in outputs:
             out.extra_fields["spd_batch_size"] = len(prompts)  # how many requests shared the engine call
         return outputs

@@ -6,7 +6,10 @@
 - a Hugging Face export of the judge at every checkpoint (``global_step_N/judge``, loadable with
   ``spd_verl.scoring_model.load_judge``), written right after the weight sync so it holds exactly
   the weights just checkpointed;
-- a check that every dataset row has ``reward_model.ground_truth``.
+- a check that every dataset row has ``reward_model.ground_truth``;
+- with ``spd.credit.branches`` > 0, the per-decision credit (``credit.py``) added to verl's GRPO
+  advantage at the branched decisions. verl 0.9.1's advantage estimators see only the rewards,
+  the mask and the group index, so this happens right after verl's ``_compute_advantage``.
 
 GRPO advantages, PPO loss, KL, checkpointing and resume are verl's.
 """
@@ -17,9 +20,13 @@ import logging
 import os
 
 import ray
+import torch
 import transfer_queue as tq
+from tensordict import TensorDict
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
+from .credit import add_credit, credit_config_from
+from .keys import CREDIT_KEY
 from .metrics import rows_from_extra_fields, rows_from_reward_infos, spd_summary
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,10 @@ def check_ground_truth(dataset, split: str) -> None:
             raise ValueError(f"{split} data row {i} (data_source={row.get('data_source')!r}, "
                              f"extra_info={row.get('extra_info')!r}) has no reward_model.ground_truth "
                              f"(got reward_model={rm!r}); files: {getattr(dataset, 'data_files', '?')}")
+
+
+def _rows(t: torch.Tensor) -> list[torch.Tensor]:
+    return list(t.unbind(0))
 
 
 @register_trainer(TRAINER_MODE)
@@ -64,6 +75,26 @@ class SPDRayTrainer(PPOTrainerSync):
         super()._init_dataloader()
         check_ground_truth(self.train_dataset, "train")
         check_ground_truth(self.val_dataset, "val")
+
+    # ------------------------------------------------------------------ advantages
+    def _compute_advantage(self, batch, metrics):
+        batch = super()._compute_advantage(batch, metrics=metrics)
+        cfg = credit_config_from(self.config)
+        if not cfg.branches:
+            return batch
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["advantages", "response_mask", CREDIT_KEY])
+        rows, decisive = [], 0
+        for adv, mask, credit in zip(*(_rows(data[k]) for k in ("advantages", "response_mask", CREDIT_KEY)),
+                                     strict=True):
+            n = adv.shape[0]
+            credit = torch.cat([credit[:n], credit.new_zeros(max(0, n - credit.shape[0]))])
+            rows.append(add_credit(adv[None], credit[None], mask[:n][None], cfg.coef)[0])
+            decisive += int(((credit != 0) & (mask[:n] != 0)).sum())
+        metrics["spd/credit_decisions"] = decisive  # decisions whose advantage the credit moved
+        out = TensorDict({"advantages": torch.nested.as_nested_tensor(rows, layout=torch.jagged)},
+                         batch_size=len(batch))
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
 
     # ------------------------------------------------------------------ metrics
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):

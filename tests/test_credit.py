@@ -1,0 +1,179 @@
+"""Per-decision credit by branching (spd_verl/verl_ext/credit.py) and what it relies on:
+
+- δ = correct(taken, lossless rest) − correct(flipped, lossless rest), from the right requests;
+- the engine's per-prompt token limits (the server batches branches of different lengths);
+- the server's lossless request mode equals RejectAll (the target's greedy decoding);
+- the trainer adds coef · δ to verl's advantage at decision positions only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import types
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from spd_verl.verl_ext.credit import CreditConfig, add_credit, branch_points, credit_config_from, decision_credit
+
+
+def test_credit_config_from_and_errors():
+    assert credit_config_from(OmegaConf.create({})) == CreditConfig(branches=0, coef=1.0)
+    cfg = credit_config_from(OmegaConf.create({"spd": {"credit": {"branches": 3, "coef": 0.5}}}))
+    assert (cfg.branches, cfg.coef) == (3, 0.5)
+    with pytest.raises(ValueError, match="spd.credit.branches must be an integer >= 0"):
+        CreditConfig(branches=-1)
+    with pytest.raises(ValueError, match="spd.credit.coef must be > 0"):
+        CreditConfig(branches=1, coef=0.0)
+    with pytest.raises(ValueError, match=r"unknown spd.credit keys \['brnaches'\]"):
+        credit_config_from(OmegaConf.create({"spd": {"credit": {"brnaches": 2}}}))
+
+
+def test_branch_points():
+    rng = random.Random(0)
+    chosen = branch_points(10, 4, rng)
+    assert len(chosen) == 4 and len(set(chosen)) == 4 and chosen == sorted(chosen)
+    assert all(0 <= j < 10 for j in chosen)
+    assert branch_points(2, 4, rng) == [0, 1]
+    assert branch_points(0, 4, rng) == []
+
+
+class _Tok:
+    """Token ids are digits 0-9 plus 10 = '####'; decode joins them with spaces."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join("####" if i == 10 else str(i) for i in ids)
+
+
+def test_decision_credit_signs_and_requests():
+    # Response "5 7 3 #### 1 2": decisions at position 0 (accepted draft 5, target 6) and
+    # position 2 (rejected draft 4, target 3). The fake server answers "#### 1 2" after a prefix
+    # ending in 5 or 3 and "#### 9" otherwise; the ground truth is 12.
+    response = [5, 7, 3, 10, 1, 2]
+    records = {"positions": [0, 2], "draft_tokens": [5, 4], "target_tokens": [6, 3], "actions": [1, 0]}
+    calls = []
+
+    async def generate(prompt_ids, params):
+        calls.append((prompt_ids, params))
+        return [10, 1, 2] if prompt_ids[-1] in (5, 3) else [10, 9]
+
+    credit = asyncio.run(decision_credit(generate, _Tok(), [0, 0], response, records, "12", max_tokens=6,
+                                         branches=2, rng=random.Random(0)))
+    # taken 5 keeps the answer, flipped 6 loses it: +1; taken 3 keeps it, flipped 4 loses it: +1.
+    # No mismatch was accepted after either decision, so the rollout itself is the "taken" branch.
+    assert credit == {0: 1, 2: 1}
+    assert [c[0] for c in calls] == [[0, 0, 6], [0, 0, 5, 7, 4]]
+    assert all(p["spd_policy"] == "reject_all" and p["temperature"] == 0.0 for _, p in calls)
+    assert [p["max_tokens"] for _, p in calls] == [5, 3]
+
+    # Decision 2 accepted too: decision 0's "taken" branch must be re-decoded losslessly.
+    calls.clear()
+    both = dict(records, draft_tokens=[5, 3], target_tokens=[6, 4], actions=[1, 1])
+    credit = asyncio.run(decision_credit(generate, _Tok(), [0, 0], response, both, "12", max_tokens=6,
+                                         branches=2, rng=random.Random(0)))
+    assert credit == {0: 1, 2: 1}
+    assert [c[0] for c in calls] == [[0, 0, 5], [0, 0, 6], [0, 0, 5, 7, 4]]
+
+    out_of_step = dict(records, draft_tokens=[8, 4])
+    with pytest.raises(ValueError, match="decision at response position 0 says token 8 but the response has 5"):
+        asyncio.run(decision_credit(generate, _Tok(), [0], response, out_of_step, "12", 6, 2, random.Random(0)))
+
+
+def test_decision_credit_harmful_accept_is_minus_one():
+    response = [5, 10, 9]  # accepting draft 5 led to the wrong answer 9
+    records = {"positions": [0], "draft_tokens": [5], "target_tokens": [6], "actions": [1]}
+
+    async def generate(prompt_ids, params):  # the target's 6 would have led to 12
+        return [10, 9] if prompt_ids[-1] == 5 else [10, 1, 2]
+
+    assert asyncio.run(decision_credit(generate, _Tok(), [0], response, records, "12", 4, 4,
+                                       random.Random(0))) == {0: -1}
+
+
+def test_add_credit():
+    adv = torch.tensor([[0.5, 0.5, 0.5], [-1.0, -1.0, -1.0]])
+    credit = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = add_credit(adv, credit, mask, coef=2.0)
+    assert torch.equal(out, torch.tensor([[0.5, -1.5, 0.5], [1.0, -1.0, -1.0]]))
+    with pytest.raises(ValueError, match="must have one shape"):
+        add_credit(adv, credit[:, :2], mask, 1.0)
+
+
+def test_engine_per_prompt_limits_equal_separate_calls(tiny_world):
+    from transformers import AutoModelForCausalLM
+
+    from spd_verl.spd import RejectAll, SpeculativeDecoder
+
+    draft = AutoModelForCausalLM.from_pretrained(tiny_world["draft"]).eval()
+    target = AutoModelForCausalLM.from_pretrained(tiny_world["target"]).eval()
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=3)
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 10, 11, 12, 13]]
+    limits = [2, 9, 5]
+    together = dec.generate(prompts, RejectAll(), max_new_tokens=limits, eos_token_id=None).responses
+    alone = [dec.generate([p], RejectAll(), max_new_tokens=m, eos_token_id=None).responses[0]
+             for p, m in zip(prompts, limits)]
+    assert together == alone
+    assert [len(r) for r in together] == limits
+    with pytest.raises(ValueError, match="max_new_tokens has 2 limits for 3 prompts"):
+        dec.generate(prompts, RejectAll(), max_new_tokens=[3, 3])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        dec.generate(prompts, RejectAll(), max_new_tokens=[3, 0, 3])
+
+
+def test_server_lossless_requests_equal_reject_all(tiny_world):
+    from test_verl_engine import make_server, model_config
+
+    from spd_verl.spd import RejectAll
+
+    server = make_server(tiny_world, model_config(tiny_world))
+    prompts = [[1, 5, 6, 7], [1, 8, 9, 10]]
+
+    async def run():
+        outs = await asyncio.gather(*[
+            server.generate(f"r{i}", prompt_ids=p, sampling_params={"temperature": 1.0, "spd_policy": "reject_all",
+                                                                    "max_tokens": m})
+            for i, (p, m) in enumerate(zip(prompts, (4, 12)))])
+        return [o.token_ids for o in outs], outs
+
+    got, outs = asyncio.run(run())
+    expected = server.decoder.generate(prompts, RejectAll(), max_new_tokens=[4, 12],
+                                       eos_token_id=server.eos_token_id).responses
+    assert got == expected
+    assert all(o.extra_fields["spd_decision_mode"] == "lossless" for o in outs)
+    assert all(o.extra_fields["spd_accepted_mismatches"] == 0 for o in outs)
+    with pytest.raises(ValueError, match="spd_policy='accept_all': the spd server knows only 'reject_all'"):
+        asyncio.run(server.generate("x", prompt_ids=prompts[0], sampling_params={"spd_policy": "accept_all"}))
+
+
+def test_trainer_adds_credit_to_verl_advantage(monkeypatch):
+    """SPDRayTrainer._compute_advantage: verl's advantage + coef · credit at decisions, written back."""
+    import spd_verl.verl_ext.trainer as trainer_mod
+    from spd_verl.verl_ext.trainer import SPDRayTrainer
+
+    nested = lambda rows: torch.nested.as_nested_tensor(rows, layout=torch.jagged)  # noqa: E731
+    store = {
+        "advantages": nested([torch.tensor([0.5, 0.5, 0.5]), torch.tensor([-1.0, -1.0])]),
+        "response_mask": nested([torch.tensor([1, 0, 1]), torch.tensor([1, 1])]),
+        "spd_credit": nested([torch.tensor([-1.0, 1.0, 1.0]), torch.tensor([0.0, 1.0])]),
+    }
+    written = {}
+    fake_tq = types.SimpleNamespace(
+        kv_batch_get=lambda keys, partition_id, select_fields: {k: store[k] for k in select_fields},
+        kv_batch_put=lambda keys, partition_id, fields: written.update(fields=fields) or "batch-after")
+    monkeypatch.setattr(trainer_mod, "tq", fake_tq)
+    monkeypatch.setattr(trainer_mod.PPOTrainerSync, "_compute_advantage", lambda self, batch, metrics: batch)
+    trainer = SPDRayTrainer.__new__(SPDRayTrainer)
+    trainer.config = OmegaConf.create({"spd": {"credit": {"branches": 2, "coef": 0.5}}})
+    batch = type("B", (), {"keys": ["a", "b"], "partition_id": "train", "__len__": lambda self: 2})()
+    metrics = {}
+    assert trainer._compute_advantage(batch, metrics) == "batch-after"
+    rows = [r.tolist() for r in written["fields"]["advantages"].unbind(0)]
+    assert rows == [[0.0, 0.5, 1.0], [-1.0, -0.5]]
+    assert metrics["spd/credit_decisions"] == 3  # non-zero credit at a decision position
+
+    trainer.config = OmegaConf.create({"spd": {"credit": {"branches": 0}}})
+    written.clear()
+    assert trainer._compute_advantage(batch, {}) is batch and not written
