@@ -16,7 +16,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from spd_verl.verl_ext.credit import CreditConfig, add_credit, branch_points, credit_config_from, decision_credit
+from spd_verl.reward import RewardConfig
+from spd_verl.verl_ext.credit import (Continuation, CreditConfig, add_credit, branch_points, credit_config_from,
+                                      decision_credit)
 
 
 def test_credit_config_from_and_errors():
@@ -33,11 +35,11 @@ def test_credit_config_from_and_errors():
 
 def test_branch_points():
     rng = random.Random(0)
-    chosen = branch_points(10, 4, rng)
+    chosen = branch_points(list(range(10)), 4, rng)
     assert len(chosen) == 4 and len(set(chosen)) == 4 and chosen == sorted(chosen)
     assert all(0 <= j < 10 for j in chosen)
-    assert branch_points(2, 4, rng) == [0, 1]
-    assert branch_points(0, 4, rng) == []
+    assert branch_points([3, 7], 4, rng) == [3, 7]
+    assert branch_points([], 4, rng) == []
 
 
 class _Tok:
@@ -45,6 +47,12 @@ class _Tok:
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join("####" if i == 10 else str(i) for i in ids)
+
+
+def _credit(generate, response, records, branches=2, seed=0, kind="correct_only", **kw):
+    return asyncio.run(decision_credit(generate, _Tok(), [0, 0], response, records, "12", rollout_truncated=False,
+                                       max_tokens=kw.pop("max_tokens", 8), branches=branches, rng=random.Random(seed),
+                                       reward_cfg=RewardConfig(kind=kind), **kw))
 
 
 def test_decision_credit_signs_and_requests():
@@ -57,39 +65,46 @@ def test_decision_credit_signs_and_requests():
 
     async def generate(prompt_ids, params):
         calls.append((prompt_ids, params))
-        return [10, 1, 2] if prompt_ids[-1] in (5, 3) else [10, 9]
+        return Continuation([10, 1, 2] if prompt_ids[-1] in (5, 3) else [10, 9], mismatches=1, truncated=False)
 
-    credit = asyncio.run(decision_credit(generate, _Tok(), [0, 0], response, records, "12", max_tokens=6,
-                                         branches=2, rng=random.Random(0)))
     # taken 5 keeps the answer, flipped 6 loses it: +1; taken 3 keeps it, flipped 4 loses it: +1.
     # No mismatch was accepted after either decision, so the rollout itself is the "taken" branch.
-    assert credit == {0: 1, 2: 1}
+    assert _credit(generate, response, records) == {0: 1.0, 2: 1.0}
     assert [c[0] for c in calls] == [[0, 0, 6], [0, 0, 5, 7, 4]]
     assert all(p["spd_policy"] == "reject_all" and p["temperature"] == 0.0 for _, p in calls)
-    assert [p["max_tokens"] for _, p in calls] == [5, 3]
+    assert [p["max_tokens"] for _, p in calls] == [7, 5]
 
     # Decision 2 accepted too: decision 0's "taken" branch must be re-decoded losslessly.
     calls.clear()
     both = dict(records, draft_tokens=[5, 3], target_tokens=[6, 4], actions=[1, 1])
-    credit = asyncio.run(decision_credit(generate, _Tok(), [0, 0], response, both, "12", max_tokens=6,
-                                         branches=2, rng=random.Random(0)))
-    assert credit == {0: 1, 2: 1}
+    assert _credit(generate, response, both) == {0: 1.0, 2: 1.0}
     assert [c[0] for c in calls] == [[0, 0, 5], [0, 0, 6], [0, 0, 5, 7, 4]]
+
+    # A decision at the last position of the budget is not branched.
+    calls.clear()
+    assert _credit(generate, response, records, max_tokens=3) == {0: 1.0}
 
     out_of_step = dict(records, draft_tokens=[8, 4])
     with pytest.raises(ValueError, match="decision at response position 0 says token 8 but the response has 5"):
-        asyncio.run(decision_credit(generate, _Tok(), [0], response, out_of_step, "12", 6, 2, random.Random(0)))
+        _credit(generate, response, out_of_step)
+    with pytest.raises(ValueError, match="spd.credit needs reward kind 'gated' or 'correct_only'"):
+        _credit(generate, response, records, kind="tau_bonus", gamma=4)
 
 
-def test_decision_credit_harmful_accept_is_minus_one():
-    response = [5, 10, 9]  # accepting draft 5 led to the wrong answer 9
+def test_decision_credit_harmful_accept_and_gated_bonus():
     records = {"positions": [0], "draft_tokens": [5], "target_tokens": [6], "actions": [1]}
 
-    async def generate(prompt_ids, params):  # the target's 6 would have led to 12
-        return [10, 9] if prompt_ids[-1] == 5 else [10, 1, 2]
+    async def generate(prompt_ids, params):  # after 5 the answer is 9, after 6 it is 12
+        return Continuation([10, 9] if prompt_ids[-1] == 5 else [10, 1, 2], mismatches=0, truncated=False)
 
-    assert asyncio.run(decision_credit(generate, _Tok(), [0], response, records, "12", 4, 4,
-                                       random.Random(0))) == {0: -1}
+    # accepting draft 5 led to the wrong answer 9, the target's 6 would have given 12
+    assert _credit(generate, [5, 10, 9], records) == {0: -1.0}
+
+    async def harmless(prompt_ids, params):
+        return Continuation([10, 1, 2], mismatches=0, truncated=False)
+
+    # gated (alpha 0.5): both right; taken = 1 accepted of 1 mismatch (1.5), flipped = 0 of 1 (1.0)
+    assert _credit(harmless, [5, 10, 1, 2], records, kind="gated") == {0: 0.5}
 
 
 def test_add_credit():

@@ -27,8 +27,9 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
 from ..spd.policies import NUM_FEATURES
-from .credit import credit_config_from, decision_credit
+from .credit import Continuation, credit_config_from, decision_credit
 from .keys import CREDIT_KEY, DECISIONS_KEY, SIDE_FIELDS
+from .reward_manager import reward_config_from
 
 AGENT_NAME = "spd_agent"
 
@@ -96,14 +97,15 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         if float(sampling_params.get("temperature", 0.0)) > 0:  # training rollouts only
             credit = await self._decision_credit(output, records, kwargs)
             if credit is not None:
-                fields[CREDIT_KEY] = [float(credit.get(p, 0)) for p in range(length)]
+                fields[CREDIT_KEY] = [float(credit.get(p, 0.0)) for p in range(length)]
                 extra["spd_branches"] = len(credit)
-                extra["spd_branch_decisive"] = sum(1 for v in credit.values() if v != 0)
+                # answer-deciding: the two branches differ by a correct answer (or the length penalty)
+                extra["spd_branch_decisive"] = sum(1 for v in credit.values() if abs(v) >= 0.5)
         data = output.model_dump(exclude={"response_mask", "extra_fields"})
         data["metrics"] = output.metrics
         return SPDAgentLoopOutput(**data, **fields, extra_fields=extra)
 
-    async def _decision_credit(self, output, records: dict, kwargs: dict) -> dict[int, int] | None:
+    async def _decision_credit(self, output, records: dict, kwargs: dict) -> dict[int, float] | None:
         cfg = credit_config_from(self.config)
         if not cfg.branches:
             return None
@@ -112,12 +114,16 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             raise ValueError(f"spd.credit.branches={cfg.branches} needs reward_model.ground_truth in every row "
                              f"(data_source={kwargs.get('data_source')!r}, extra_info={kwargs.get('extra_info')!r})")
 
-        async def generate(prompt_ids, sampling_params):
+        async def generate(prompt_ids, sampling_params) -> Continuation:
             out = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
                                                      sampling_params=sampling_params)
-            return out.token_ids
+            return Continuation(list(out.token_ids), int(out.extra_fields["spd_mismatches"]),
+                                bool(out.extra_fields["spd_truncated"]))
 
         # Which decisions get branched: a function of the rollout itself, so a run is repeatable.
         rng = random.Random(zlib.crc32(bytes(str(output.response_ids), "ascii")))
-        return await decision_credit(generate, self.tokenizer, list(output.prompt_ids), list(output.response_ids),
-                                     records, ground_truth, self.response_length, cfg.branches, rng)
+        return await decision_credit(
+            generate, self.tokenizer, list(output.prompt_ids), list(output.response_ids), records, ground_truth,
+            rollout_truncated=bool(output.extra_fields["spd_truncated"]), max_tokens=self.response_length,
+            branches=cfg.branches, rng=rng, reward_cfg=reward_config_from(self.config),
+            gamma=self.rollout_config.num_speculative_tokens)

@@ -33,6 +33,8 @@ class SPDRolloutConfig(RolloutConfig):
     draft_temperature: 0 = greedy draft.
     batch_window_ms: the server collects requests arriving within this window into one batch.
     max_batch_size: at most this many sequences per engine call.
+    cpu_threads: torch threads of the server when it runs on CPU (Ray starts actors with
+        OMP_NUM_THREADS=1); None leaves torch's setting alone.
     """
 
     draft_model_path: Optional[str] = None
@@ -43,6 +45,7 @@ class SPDRolloutConfig(RolloutConfig):
     draft_temperature: float = 0.0
     batch_window_ms: float = 20.0
     max_batch_size: int = 256
+    cpu_threads: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,3 +68,6 @@ def validate_spd_settings(cfg) -> None:
         raise ValueError(f"{KEY}.batch_window_ms must be >= 0, got {cfg.batch_window_ms!r}")
     if cfg.max_batch_size < 1:
         raise ValueError(f"{KEY}.max_batch_size must be >= 1, got {cfg.max_batch_size!r}")
+    threads = getattr(cfg, "cpu_threads", None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{KEY}.cpu_threads must be an integer >= 1 or null, got {threads!r}")

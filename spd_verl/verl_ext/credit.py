@@ -1,4 +1,4 @@
-"""Per-decision credit by branching: which of a rollout's decisions decided its correctness.
+"""Per-decision credit by branching: what each of a rollout's decisions did to its reward.
 
 GRPO gives every decision of a sequence the same advantage. A rollout that fails after a dozen
 accepted mismatches says nothing about which one broke it, and once the judge's accept
@@ -6,18 +6,20 @@ probability saturates, the rollouts of a group agree and GRPO's advantage is zer
 house-styles world: the judge settled on "accept every non-digit", ~3% of answers lost).
 
 Here, for ``branches`` decisions per training rollout, chosen uniformly, the agent loop asks the
-server for two lossless continuations of the rollout's own prefix (Monte-Carlo branching, as
-VinePPO does for reasoning steps): one with the decision as taken, one with it flipped. Both
-continue with the target's greedy decoding, so they differ only by that decision::
+server for lossless continuations of the rollout's own prefix (Monte-Carlo branching, as VinePPO
+does for reasoning steps): one with the decision as taken, one with it flipped. Both continue
+with the target's greedy decoding, so they differ only by that decision, and each is scored with
+the training reward (``spd_verl.reward``, the same RewardConfig) as a whole sequence::
 
-    δ_i = correct(prefix, a_i, lossless rest) − correct(prefix, 1 − a_i, lossless rest) ∈ {−1, 0, 1}
+    δ_i = R(prefix, a_i, lossless rest) − R(prefix, 1 − a_i, lossless rest)
 
-δ_i = −1 for an accepted mismatch that broke the answer (or a rejection that did), +1 for one that
-saved it, 0 when the decision did not matter. The trainer adds ``coef · δ_i`` to verl's GRPO
-advantage at that decision (``add_credit``): the efficiency bonus still comes from the reward
-through GRPO, correctness is credited to the decision that decided it. Cost: at most 2 ·
-``branches`` lossless continuations per rollout (the "taken" one is the rollout itself when no
-mismatch was accepted after the decision), batched by the server with the other requests.
+With the gated reward: ≈ −1 for an accepted mismatch that broke the answer (+1 for a rejection
+that saved it), +α/M for accepting a harmless mismatch (−α/M for rejecting one), 0 when neither
+branch is right. The trainer adds ``coef · δ_i`` to verl's GRPO advantage at that decision
+(``add_credit``). Cost: at most 2 · ``branches`` lossless continuations per rollout (the "taken"
+one is the rollout itself when no mismatch was accepted after the decision), batched by the
+server with the other requests. Decisions at the last position of the length budget are not
+branched (a flipped token there has no room for an answer).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..reward import is_correct
+from ..reward import RewardConfig, compute_spd_reward
 from .keys import POLICY_PARAM
 
 
@@ -38,8 +40,8 @@ class CreditConfig:
 
     branches: int = field(default=0, metadata={"help": "decisions per training rollout given their own credit "
                                                         "(2 lossless continuations each); 0 = plain GRPO"})
-    coef: float = field(default=1.0, metadata={"help": "weight of the credit δ ∈ {-1, 0, 1} added to the GRPO "
-                                                       "advantage at a branched decision"})
+    coef: float = field(default=1.0, metadata={"help": "weight of the credit δ (a reward difference) added to "
+                                                       "the GRPO advantage at a branched decision"})
 
     def __post_init__(self):
         if isinstance(self.branches, bool) or not isinstance(self.branches, int) or self.branches < 0:
@@ -59,58 +61,82 @@ def credit_config_from(config) -> CreditConfig:
     return CreditConfig(**values)
 
 
-def branch_points(num_decisions: int, branches: int, rng: random.Random) -> list[int]:
-    """Indices (into a rollout's decision list) to branch at: ``branches`` of them, uniformly."""
-    return sorted(rng.sample(range(num_decisions), min(branches, num_decisions)))
+def branch_points(candidates: list[int], branches: int, rng: random.Random) -> list[int]:
+    """Which decisions (indices into a rollout's decision list) to branch at: ``branches`` of the
+    candidates, uniformly, in order."""
+    return sorted(rng.sample(candidates, min(branches, len(candidates))))
+
+
+@dataclass
+class Continuation:
+    """A server answer to one branch request."""
+
+    token_ids: list[int]
+    mismatches: int   # mismatches decided (all rejected) while decoding it
+    truncated: bool   # hit the length budget without finishing
 
 
 async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_ids: list[int], records: dict,
-                          ground_truth, max_tokens: int, branches: int, rng: random.Random) -> dict[int, int]:
+                          ground_truth, *, rollout_truncated: bool, max_tokens: int, branches: int,
+                          rng: random.Random, reward_cfg: RewardConfig, gamma: int | None = None
+                          ) -> dict[int, float]:
     """δ for ``branches`` decisions of one rollout: {response position: δ}.
 
-    ``generate(prompt_ids, sampling_params) -> token ids`` is one server request; all requests
+    ``generate(prompt_ids, sampling_params) -> Continuation`` is one server request; all requests
     (at most 2·branches) are issued at once so the server batches them.
     """
-    positions, actions = records["positions"], records["actions"]
-    chosen = branch_points(len(positions), branches, rng)
+    if reward_cfg.kind == "tau_bonus":
+        raise ValueError("spd.credit needs reward kind 'gated' or 'correct_only': a branch's target forwards "
+                         "over the shared prefix are not recorded, so its tau_bonus cannot be computed")
+    positions, actions = records["positions"], [int(a) for a in records["actions"]]
+    chosen = branch_points([j for j, p in enumerate(positions) if p + 1 < max_tokens], branches, rng)
     if not chosen:
         return {}
-    prefixes = []  # per chosen decision: (taken prefix or None when the rollout itself is it, flipped prefix)
+
+    def reward(tokens, mismatches, accepted, truncated) -> float:
+        text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+        return compute_spd_reward(text, ground_truth, mismatches=mismatches, accepted_mismatches=accepted,
+                                  target_forwards=0, response_length=len(tokens), hit_length_cap=truncated,
+                                  gamma=gamma, cfg=reward_cfg)["score"]
+
+    plans = []  # per chosen decision: (decision index, [(prefix, accepted so far)] to continue)
     for j in chosen:
-        pos, accepted = positions[j], bool(actions[j])
-        taken = int(records["draft_tokens"][j] if accepted else records["target_tokens"][j])
-        other = int(records["target_tokens"][j] if accepted else records["draft_tokens"][j])
+        pos, taken_is_accept = positions[j], bool(actions[j])
+        taken = int(records["draft_tokens"][j] if taken_is_accept else records["target_tokens"][j])
+        other = int(records["target_tokens"][j] if taken_is_accept else records["draft_tokens"][j])
         if response_ids[pos] != taken:
             raise ValueError(f"decision at response position {pos} says token {taken} but the response has "
                              f"{response_ids[pos]}: decision records and tokens are out of step")
+        head, accepted_before = list(response_ids[:pos]), sum(actions[:j])
         # With no accepted mismatch after it, the rollout continued exactly as lossless decoding
-        # would (same tokens, same budget): its own text is the "taken" branch.
-        later_accepts = any(actions[k] for k in range(j + 1, len(actions)))
-        head = list(response_ids[:pos])
-        prefixes.append((head + [taken] if later_accepts else None, head + [other]))
-    requests = [prefix for pair in prefixes for prefix in pair if prefix is not None]
+        # would (same tokens, same budget): the rollout itself is the "taken" branch.
+        later_accepts = any(actions[j + 1:])
+        branches_j = [(head + [other], accepted_before + (1 - actions[j]))]
+        if later_accepts:
+            branches_j.insert(0, (head + [taken], accepted_before + actions[j]))
+        plans.append((j, branches_j))
+    requests = [b for _, bs in plans for b in bs]
     params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
-    continuations = await asyncio.gather(*[
-        generate(list(prompt_ids) + prefix, {**params, "max_tokens": max(1, max_tokens - len(prefix))})
-        for prefix in requests])
-    texts = iter(tokenizer.decode(prefix + list(cont), skip_special_tokens=True)
-                 for prefix, cont in zip(requests, continuations))
-    rollout_correct = None
+    answers = iter(await asyncio.gather(*[
+        generate(list(prompt_ids) + prefix, {**params, "max_tokens": max_tokens - len(prefix)})
+        for prefix, _ in requests]))
+    rollout_reward = None
     credit = {}
-    for j, (taken, _) in zip(chosen, prefixes):
-        if taken is None:
-            if rollout_correct is None:
-                rollout_correct = is_correct(tokenizer.decode(list(response_ids), skip_special_tokens=True),
-                                             ground_truth)
-            taken_correct = rollout_correct
-        else:
-            taken_correct = is_correct(next(texts), ground_truth)
-        credit[positions[j]] = int(taken_correct) - int(is_correct(next(texts), ground_truth))
+    for j, bs in plans:
+        values = []
+        for prefix, accepted in bs:
+            cont = next(answers)
+            values.append(reward(prefix + list(cont.token_ids), j + 1 + cont.mismatches, accepted, cont.truncated))
+        if len(values) == 1:  # the rollout is the taken branch
+            if rollout_reward is None:
+                rollout_reward = reward(response_ids, len(positions), sum(actions), rollout_truncated)
+            values.insert(0, rollout_reward)
+        credit[positions[j]] = values[0] - values[1]
     return credit
 
 
 def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
-    """advantages + coef · credit at decision positions, per row.
+    """advantages + coef · credit at decision positions.
 
     advantages, credit, mask: [batch, response_len] (padded, same layout). Rows of ``credit`` are
     zero where no branch was run, so unbranched decisions keep verl's GRPO advantage.

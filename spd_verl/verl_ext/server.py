@@ -133,6 +133,8 @@ class SPDServer:
             omega_conf_to_dataclass(model_config)
         self.replica_rank = replica_rank
         self.device = _server_device()
+        if self.device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         dtype = _torch_dtype(cfg.dtype)
         attn = dict(self.model_config.override_config or {}).get("attn_implementation", "sdpa")
 
