@@ -31,6 +31,7 @@ def model_config(path):
     ("score_threshold", 1.5, "score_threshold must be in the open interval"),
     ("num_speculative_tokens", 0, "num_speculative_tokens must be an integer >= 1"),
     ("decision_mode", "greedy", "decision_mode must be one of"),
+    ("cpu_threads", 0, "cpu_threads must be an integer >= 1 or null"),
 ])
 def test_rollout_settings_out_of_range(key, value, match):
     from hydra.errors import InstantiationException  # how hydra wraps the dataclass's ValueError
