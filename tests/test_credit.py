@@ -29,6 +29,8 @@ def test_credit_config_from_and_errors():
         CreditConfig(branches=-1)
     with pytest.raises(ValueError, match="spd.credit.coef must be > 0"):
         CreditConfig(branches=1, coef=0.0)
+    with pytest.raises(ValueError, match="spd.credit.mode must be one of"):
+        CreditConfig(branches=1, mode="replace")
     with pytest.raises(ValueError, match=r"unknown spd.credit keys \['brnaches'\]"):
         credit_config_from(OmegaConf.create({"spd": {"credit": {"brnaches": 2}}}))
 
@@ -113,6 +115,8 @@ def test_add_credit():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     out = add_credit(adv, credit, mask, coef=2.0)
     assert torch.equal(out, torch.tensor([[0.5, -1.5, 0.5], [1.0, -1.0, -1.0]]))
+    assert torch.equal(add_credit(adv, credit, mask, coef=2.0, only=True),
+                       torch.tensor([[0.0, -2.0, 0.0], [2.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="must have one shape"):
         add_credit(adv, credit[:, :2], mask, 1.0)
 

@@ -1,10 +1,11 @@
 """End to end through ``python -m verl.trainer.main_ppo`` with configs/spd_demo.yaml on the tiny
 world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores):
 
-1. a 2-step GRPO run: SPD metrics logged (train and validation), rollout log-probs replayed exactly
-   by the actor at step 1, a non-zero gradient, a loadable judge export at each checkpoint, verl's
-   synchronous checkpoint layout;
-2. a resumed run (lr 0) continues at step 3 from the step-2 checkpoint with the same judge weights.
+1. a 2-step GRPO run with per-decision credit (``spd.credit.branches=2``): SPD and credit metrics
+   logged (train and validation), rollout log-probs replayed exactly by the actor at step 1, a
+   non-zero gradient, a loadable judge export at each checkpoint, verl's synchronous checkpoint
+   layout;
+2. a resumed run (lr 0, plain GRPO) continues at step 3 from the step-2 checkpoint with the same judge weights.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _fail_message(proc) -> str:
 @pytest.fixture(scope="module")
 def first_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=2")
+    proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=2",
+                                 "spd.credit.branches=2")
     return out, proc, records
 
 
@@ -67,6 +69,9 @@ def test_two_step_grpo_run(first_run):
         missing = [k for k in TRAIN_METRICS if k not in by_step[step]]
         assert not missing, f"step {step} lacks {missing}"
         assert by_step[step]["spd/tau"] >= 1.0 and by_step[step]["spd/mismatches_per_seq"] > 0
+        # branches ran for the rollouts' decisions and the trainer added their credit
+        assert 0 < by_step[step]["spd/credit_branches_per_seq"] <= 2
+        assert "spd/credit_decisions" in by_step[step] and "spd/credit_decisive_rate" in by_step[step]
     for step in (0, 2):
         assert all(k in by_step[step] for k in VAL_METRICS), sorted(by_step[step])
     # The actor's recomputed decision log-probs equal the rollout's: ratio 1 before any update.

@@ -16,7 +16,8 @@ the training reward (``spd_verl.reward``, the same RewardConfig) as a whole sequ
 With the gated reward: ≈ −1 for an accepted mismatch that broke the answer (+1 for a rejection
 that saved it), +α/M for accepting a harmless mismatch (−α/M for rejecting one), 0 when neither
 branch is right. The trainer adds ``coef · δ_i`` to verl's GRPO advantage at that decision
-(``add_credit``). Cost: at most 2 · ``branches`` lossless continuations per rollout (the "taken"
+(``add_credit``; with ``mode: only`` the advantage is ``coef · δ_i`` alone and only the branched
+decisions learn). Cost: at most 2 · ``branches`` lossless continuations per rollout (the "taken"
 one is the rollout itself when no mismatch was accepted after the decision), batched by the
 server with the other requests. Decisions at the last position of the length budget are not
 branched (a flipped token there has no room for an answer).
@@ -34,6 +35,9 @@ from ..reward import RewardConfig, compute_spd_reward
 from .keys import POLICY_PARAM
 
 
+CREDIT_MODES = ("add", "only")
+
+
 @dataclass
 class CreditConfig:
     """``spd.credit`` section of the training config."""
@@ -42,12 +46,16 @@ class CreditConfig:
                                                         "(2 lossless continuations each); 0 = plain GRPO"})
     coef: float = field(default=1.0, metadata={"help": "weight of the credit δ (a reward difference) added to "
                                                        "the GRPO advantage at a branched decision"})
+    mode: str = field(default="add", metadata={"help": "'add': GRPO advantage + coef·δ; 'only': coef·δ at branched "
+                                                       "decisions, 0 elsewhere (no sequence-level advantage)"})
 
     def __post_init__(self):
         if isinstance(self.branches, bool) or not isinstance(self.branches, int) or self.branches < 0:
             raise ValueError(f"spd.credit.branches must be an integer >= 0, got {self.branches!r}")
         if not isinstance(self.coef, (int, float)) or not self.coef > 0:
             raise ValueError(f"spd.credit.coef must be > 0, got {self.coef!r}")
+        if self.mode not in CREDIT_MODES:
+            raise ValueError(f"spd.credit.mode must be one of {CREDIT_MODES}, got {self.mode!r}")
 
 
 def credit_config_from(config) -> CreditConfig:
@@ -135,8 +143,9 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
     return credit
 
 
-def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
-    """advantages + coef · credit at decision positions.
+def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tensor, coef: float,
+               only: bool = False) -> torch.Tensor:
+    """advantages + coef · credit at decision positions (``only``: coef · credit alone).
 
     advantages, credit, mask: [batch, response_len] (padded, same layout). Rows of ``credit`` are
     zero where no branch was run, so unbranched decisions keep verl's GRPO advantage.
@@ -144,4 +153,5 @@ def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tenso
     if not (advantages.shape == credit.shape == mask.shape):
         raise ValueError(f"advantages {tuple(advantages.shape)}, credit {tuple(credit.shape)} and mask "
                          f"{tuple(mask.shape)} must have one shape")
-    return advantages + coef * credit.to(advantages.dtype) * mask.to(advantages.dtype)
+    added = coef * credit.to(advantages.dtype) * mask.to(advantages.dtype)
+    return added if only else advantages + added

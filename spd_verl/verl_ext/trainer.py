@@ -89,7 +89,7 @@ class SPDRayTrainer(PPOTrainerSync):
                                      strict=True):
             n = adv.shape[0]
             credit = torch.cat([credit[:n], credit.new_zeros(max(0, n - credit.shape[0]))])
-            rows.append(add_credit(adv[None], credit[None], mask[:n][None], cfg.coef)[0])
+            rows.append(add_credit(adv[None], credit[None], mask[:n][None], cfg.coef, only=cfg.mode == "only")[0])
             decisive += int(((credit != 0) & (mask[:n] != 0)).sum())
         metrics["spd/credit_decisions"] = decisive  # decisions whose advantage the credit moved
         out = TensorDict({"advantages": torch.nested.as_nested_tensor(rows, layout=torch.jagged)},
