@@ -107,48 +107,39 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
                                   target_forwards=0, response_length=len(tokens), hit_length_cap=truncated,
                                   gamma=gamma, cfg=reward_cfg)["score"]
 
-    plans = []  # per chosen decision: (decision index, [(prefix, accepted so far)] to continue)
+    params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
+
+    async def branch(prefix, mismatches, accepted) -> float:
+        """Reward of prefix + its lossless continuation (``mismatches``/``accepted`` so far)."""
+        cont = await generate(list(prompt_ids) + prefix, {**params, "max_tokens": max_tokens - len(prefix)})
+        return reward(prefix + list(cont.token_ids), mismatches + cont.mismatches, accepted, cont.truncated)
+
+    async def rollout() -> float:
+        return reward(response_ids, len(positions), sum(actions), rollout_truncated)
+
+    jobs = []  # per chosen decision: its taken branch, then its flipped branch
     for j in chosen:
-        pos, taken_is_accept = positions[j], bool(actions[j])
-        taken = int(records["draft_tokens"][j] if taken_is_accept else records["target_tokens"][j])
-        other = int(records["target_tokens"][j] if taken_is_accept else records["draft_tokens"][j])
+        pos, a = positions[j], actions[j]
+        taken = int(records["draft_tokens"][j] if a else records["target_tokens"][j])
+        other = int(records["target_tokens"][j] if a else records["draft_tokens"][j])
         if response_ids[pos] != taken:
             raise ValueError(f"decision at response position {pos} says token {taken} but the response has "
                              f"{response_ids[pos]}: decision records and tokens are out of step")
         head, accepted_before = list(response_ids[:pos]), sum(actions[:j])
         # With no accepted mismatch after it, the rollout continued exactly as lossless decoding
         # would (same tokens, same budget): the rollout itself is the "taken" branch.
-        later_accepts = any(actions[j + 1:])
-        branches_j = [(head + [other], accepted_before + (1 - actions[j]))]
-        if later_accepts:
-            branches_j.insert(0, (head + [taken], accepted_before + actions[j]))
-        plans.append((j, branches_j))
-    requests = [b for _, bs in plans for b in bs]
-    params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
-    answers = iter(await asyncio.gather(*[
-        generate(list(prompt_ids) + prefix, {**params, "max_tokens": max_tokens - len(prefix)})
-        for prefix, _ in requests]))
-    rollout_reward = None
-    credit = {}
-    for j, bs in plans:
-        values = []
-        for prefix, accepted in bs:
-            cont = next(answers)
-            values.append(reward(prefix + list(cont.token_ids), j + 1 + cont.mismatches, accepted, cont.truncated))
-        if len(values) == 1:  # the rollout is the taken branch
-            if rollout_reward is None:
-                rollout_reward = reward(response_ids, len(positions), sum(actions), rollout_truncated)
-            values.insert(0, rollout_reward)
-        credit[positions[j]] = values[0] - values[1]
-    return credit
+        jobs.append(branch(head + [taken], j + 1, accepted_before + a) if any(actions[j + 1:]) else rollout())
+        jobs.append(branch(head + [other], j + 1, accepted_before + 1 - a))
+    values = await asyncio.gather(*jobs)  # issued together: the server batches them
+    return {positions[j]: values[2 * k] - values[2 * k + 1] for k, j in enumerate(chosen)}
 
 
 def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tensor, coef: float,
                only: bool = False) -> torch.Tensor:
     """advantages + coef · credit at decision positions (``only``: coef · credit alone).
 
-    advantages, credit, mask: [batch, response_len] (padded, same layout). Rows of ``credit`` are
-    zero where no branch was run, so unbranched decisions keep verl's GRPO advantage.
+    advantages, credit, mask: one shape ([response_len] for a row, or a padded batch). ``credit``
+    is zero where no branch was run, so unbranched decisions keep verl's GRPO advantage.
     """
     if not (advantages.shape == credit.shape == mask.shape):
         raise ValueError(f"advantages {tuple(advantages.shape)}, credit {tuple(credit.shape)} and mask "

@@ -38,7 +38,7 @@ def _lengths(t: torch.Tensor) -> list[int]:
     return [t.shape[1]] * t.shape[0]
 
 
-def _fit(row: torch.Tensor, length: int) -> torch.Tensor:
+def fit_to_length(row: torch.Tensor, length: int) -> torch.Tensor:
     """Truncate/zero-pad a per-response row to ``length`` (verl's padding samples copy the side
     tensors of a real sample but have a 1-token response; their decision mask is 0)."""
     if row.shape[0] >= length:
@@ -94,7 +94,7 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
             rows = micro_batch[key].unbind(0)
             full = []
             for row, seq_len, resp_len in zip(rows, seq_lens, resp_lens, strict=True):
-                row = _fit(row, resp_len)
+                row = fit_to_length(row, resp_len)
                 prompt = row.new_zeros((seq_len - resp_len, *row.shape[1:]))
                 full.append(torch.cat([prompt, row]))
             out[key] = full

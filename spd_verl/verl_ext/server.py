@@ -52,7 +52,8 @@ class TemperedBernoulli(BernoulliPolicy):
 @dataclass
 class _Request:
     prompt_ids: list
-    key: tuple  # (mode, temperature, max_new_tokens); requests sharing (mode, temperature) share an engine call
+    key: tuple  # (mode, temperature): requests sharing it share an engine call (each with its own limit)
+    limit: int  # max new tokens
     future: asyncio.Future
 
 
@@ -159,7 +160,8 @@ class SPDServer:
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ generation
-    def _request_key(self, sampling_params: dict) -> tuple:
+    def _request_key(self, sampling_params: dict) -> tuple[tuple, int]:
+        """((mode, temperature), max new tokens) of one request."""
         temperature = float(sampling_params.get("temperature", self.config.temperature))
         if temperature < 0:
             raise ValueError(f"sampling temperature must be >= 0, got {temperature}")
@@ -172,19 +174,14 @@ class SPDServer:
             mode = "threshold" if self.config.decision_mode == "threshold" or temperature == 0 else "sample"
         limit = sampling_params.get("max_tokens") or sampling_params.get("max_new_tokens") or \
             self.config.response_length
-        return mode, temperature if mode == "sample" else 1.0, int(min(limit, self.config.response_length))
-
-    @staticmethod
-    def _group_key(key: tuple) -> tuple:
-        # Requests differing only in their token limit share one engine call (per-row limits).
-        return key[:2]
+        return (mode, temperature if mode == "sample" else 1.0), int(min(limit, self.config.response_length))
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, video_data=None,
                        **kwargs) -> TokenOutput:
         if image_data or video_data or kwargs.get("audio_data"):
             raise ValueError("the spd rollout is text-only: got image/video/audio inputs")
-        request = _Request(list(prompt_ids), self._request_key(sampling_params or {}),
-                           asyncio.get_running_loop().create_future())
+        key, limit = self._request_key(sampling_params or {})
+        request = _Request(list(prompt_ids), key, limit, asyncio.get_running_loop().create_future())
         self._queue.append(request)
         if self._collector is None or self._collector.done():
             self._collector = asyncio.create_task(self._collect_and_run())
@@ -197,12 +194,12 @@ class SPDServer:
             self._queue = self._queue[self.config.max_batch_size:]
             groups: dict[tuple, list[_Request]] = {}
             for r in batch:
-                groups.setdefault(self._group_key(r.key), []).append(r)
+                groups.setdefault(r.key, []).append(r)
             async with self._lock:
                 for key, reqs in groups.items():
                     try:
                         outputs = await asyncio.to_thread(self._generate_group, key, [r.prompt_ids for r in reqs],
-                                                          [r.key[2] for r in reqs])
+                                                          [r.limit for r in reqs])
                     except Exception as e:  # every waiting request learns why
                         for r in reqs:
                             if not r.future.done():

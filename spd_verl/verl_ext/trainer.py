@@ -26,6 +26,7 @@ from tensordict import TensorDict
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
 from .credit import add_credit, credit_config_from
+from .engine import fit_to_length
 from .keys import CREDIT_KEY
 from .metrics import rows_from_extra_fields, rows_from_reward_infos, spd_summary
 
@@ -46,10 +47,6 @@ def check_ground_truth(dataset, split: str) -> None:
             raise ValueError(f"{split} data row {i} (data_source={row.get('data_source')!r}, "
                              f"extra_info={row.get('extra_info')!r}) has no reward_model.ground_truth "
                              f"(got reward_model={rm!r}); files: {getattr(dataset, 'data_files', '?')}")
-
-
-def _rows(t: torch.Tensor) -> list[torch.Tensor]:
-    return list(t.unbind(0))
 
 
 @register_trainer(TRAINER_MODE)
@@ -85,12 +82,11 @@ class SPDRayTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
                                select_fields=["advantages", "response_mask", CREDIT_KEY])
         rows, decisive = [], 0
-        for adv, mask, credit in zip(*(_rows(data[k]) for k in ("advantages", "response_mask", CREDIT_KEY)),
-                                     strict=True):
-            n = adv.shape[0]
-            credit = torch.cat([credit[:n], credit.new_zeros(max(0, n - credit.shape[0]))])
-            rows.append(add_credit(adv[None], credit[None], mask[:n][None], cfg.coef, only=cfg.mode == "only")[0])
-            decisive += int(((credit != 0) & (mask[:n] != 0)).sum())
+        for adv, mask, credit in zip(data["advantages"].unbind(0), data["response_mask"].unbind(0),
+                                     data[CREDIT_KEY].unbind(0), strict=True):
+            credit = fit_to_length(credit, adv.shape[0])  # verl's padding samples: 1-token responses
+            rows.append(add_credit(adv, credit, mask, cfg.coef, only=cfg.mode == "only"))
+            decisive += int(((credit != 0) & (mask != 0)).sum())
         metrics["spd/credit_decisions"] = decisive  # decisions whose advantage the credit moved
         out = TensorDict({"advantages": torch.nested.as_nested_tensor(rows, layout=torch.jagged)},
                          batch_size=len(batch))
