@@ -1,6 +1,7 @@
 """spd-train: the demo's main command — GRPO training of the judge through verl's own
 ``python -m verl.trainer.main_ppo`` (nothing else drives training), then a held-out evaluation of
-lossless SD (reject_all) against the trained judge at its threshold.
+lossless SD (reject_all) against the trained judge at its configured threshold and at the threshold
+chosen on the validation split (spd_verl.eval.calibrate).
 
     spd-train                                   # demo world, configs/spd_demo.yaml, CPU
     spd-train trainer.total_training_steps=20   # any Hydra override goes to main_ppo
@@ -51,7 +52,20 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None) -> list[dict]:
+def _val_file(cfg) -> Path:
+    files = cfg.data.val_files
+    files = [files] if isinstance(files, str) else list(files)
+    if len(files) != 1:
+        raise ValueError(f"calibration reads one validation parquet; data.val_files has {len(files)}: "
+                         f"pass --calibration-file")
+    return Path(files[0])
+
+
+def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
+                  calibration_file: Path | None = None) -> list[dict]:
+    """reject_all and the judge at ``rollout.score_threshold`` on the held-out set; with a
+    ``calibration_file``, also the judge at the threshold chosen there."""
+    from spd_verl.eval.calibrate import calibrate
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate
@@ -62,16 +76,26 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None) -> l
     target = load_causal_lm(ro.target_model_path, "target")
     tokenizer = load_tokenizer(ro.target_model_path)
     judge = load_eval_judge(judge_dir, target)
-    rules = [Rule.fixed("reject_all", RejectAll()),
-             Rule.fixed("judge", ThresholdPolicy(ro.score_threshold), ro.score_threshold)]
-    rows = evaluate(rules, draft, target, judge, tokenizer, load_rows(test_file, limit),
-                    gamma=ro.num_speculative_tokens, max_new_tokens=cfg.data.max_response_length,
-                    eos_token_id=eos_token_id(tokenizer, target))
+    kw = dict(gamma=ro.num_speculative_tokens, max_new_tokens=cfg.data.max_response_length,
+              eos_token_id=eos_token_id(tokenizer, target))
+    thresholds = [ro.score_threshold]
+    if calibration_file is not None:
+        pick, cal_rows = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file), **kw)
+        print(f"calibration on {calibration_file}:\n{format_table(cal_rows)}")
+        if pick is None:
+            print("calibration: no judge threshold kept accuracy within 1 point of lossless")
+        elif pick["setting"] != ro.score_threshold:
+            thresholds.append(pick["setting"])
+    rules = [Rule.fixed("reject_all", RejectAll())]
+    rules += [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]
+    rows = evaluate(rules, draft, target, judge, tokenizer, load_rows(test_file, limit), **kw)
     print(format_table(rows))
-    base, ours = rows
-    print(f"held-out ({base['n']} problems): reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f} | "
-          f"judge@{ro.score_threshold:g} acc {ours['accuracy']:.1%} tau {ours['tau']:.3f} "
-          f"({ours['tau'] / base['tau']:.2f}x lossless)")
+    base = rows[0]
+    parts = [f"reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f}"]
+    for i, (r, t) in enumerate(zip(rows[1:], thresholds)):
+        tag = f" (chosen on {calibration_file.name})" if i else ""
+        parts.append(f"judge@{t:g}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
+    print(f"held-out ({base['n']} problems): " + " | ".join(parts))
     return rows
 
 
@@ -83,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-file", type=Path, help="held-out parquet (default: the demo world's test split)")
     ap.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems only")
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--calibration-file", type=Path,
+                    help="parquet on which to choose the judge's threshold (default: the config's data.val_files)")
+    ap.add_argument("--no-calibration", action="store_true", help="evaluate at rollout.score_threshold only")
     args, overrides = ap.parse_known_args(argv)
     out = args.out.resolve()
     env = dict(os.environ)
@@ -105,7 +132,8 @@ def main(argv=None) -> int:
 
         test_file = WORLD_DIR / "data" / "test.parquet"
     print(f"held-out evaluation of {judge_dir} on {test_file}", flush=True)
-    held_out_eval(cfg, judge_dir, test_file, args.eval_limit)
+    calibration_file = None if args.no_calibration else (args.calibration_file or _val_file(cfg))
+    held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file)
     return 0
 
 

@@ -347,3 +347,73 @@ def test_tokenizer_defaults_to_sibling_dir(tmp_path):
     (tmp_path / "target" / "tokenizer_config.json").write_text("{}")
     p = resolve_world_defaults(tmp_path / "d", tmp_path / "target", None, tmp_path / "x.parquet")
     assert p["tokenizer"] == tmp_path / "target"
+
+
+# ---------------------------------------------------------------- threshold calibration
+def test_pick_threshold_and_refine_grid():
+    from spd_verl.eval.calibrate import pick_threshold, refine_grid
+
+    rows = [_r("reject_all", 2.0, 0.95), _r("typical", 4.0, 0.95, 0.3),  # only judge rows compete
+            _r("judge", 4.0, 0.80, 0.5), _r("judge", 3.2, 0.945, 0.9), _r("judge", 3.0, 0.95, 0.95),
+            _r("judge", 2.0, 0.95, 0.99)]
+    pick = pick_threshold(rows, tol=0.01)
+    assert pick["setting"] == 0.9  # most τ within 1 point of lossless (0.945 ≥ 0.94)
+    assert pick_threshold(rows, tol=0.0)["setting"] == 0.95
+    assert refine_grid(rows, pick, points=4) == [0.58, 0.66, 0.74, 0.82]  # between 0.5 (failed) and 0.9
+    assert refine_grid(rows, pick_threshold(rows[:1] + rows[2:3], tol=0.2)) == []  # the lowest setting
+    # equal τ: the higher (more conservative) threshold
+    tie = [_r("reject_all", 2.0, 0.9), _r("judge", 2.0, 0.9, 0.5), _r("judge", 2.0, 0.9, 0.7)]
+    assert pick_threshold(tie)["setting"] == 0.7
+    assert pick_threshold([_r("reject_all", 2.0, 0.95), _r("judge", 4.0, 0.5, 0.5)]) is None
+    assert refine_grid(rows, None) == []
+    with pytest.raises(ValueError, match="reject_all"):
+        pick_threshold(rows[1:])
+    with pytest.raises(ValueError, match="judge rows"):
+        pick_threshold(rows[:2])
+    with pytest.raises(ValueError, match="tol"):
+        pick_threshold(rows, tol=-0.1)
+
+
+def test_cli_calibrate_on_validation_data(world, tmp_path, capsys):
+    from spd_verl.eval.calibrate import COARSE_GRID
+
+    val = write_rows(tmp_path / "val.parquet", 5)
+    out = tmp_path / "cal"
+    assert main(cli_args(world, out, extra=["--calibrate-on", str(val), "--thresholds", "0.5"])) == 0
+    cal = json.loads((out / "results.json").read_text())["settings"]["calibration"]
+    assert cal["n"] == 5 and cal["tol"] == 0.01 and set(COARSE_GRID) <= set(cal["thresholds"])
+    assert cal["accuracy"] >= cal["lossless_accuracy"] - 0.01  # the pick met the bar on the calibration set
+    names = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
+    assert f"judge@{cal['threshold']:g}" in names and "judge@0.5" in names  # the pick joined the held-out sweep
+    assert f"calibrated threshold {cal['threshold']:g} (on val.parquet): held-out accuracy" in capsys.readouterr().out
+
+
+def test_cli_calibration_refuses_the_test_set_and_needs_a_judge(world, tmp_path, capsys):
+    assert main(cli_args(world, tmp_path / "a", extra=["--calibrate-on", str(world["data"])])) == 2
+    assert "is the evaluated --data: calibrate on validation data" in capsys.readouterr().err
+    assert main(cli_args(world, tmp_path / "b", judge=None, extra=["--calibrate-on", str(world["data"])])) == 2
+    assert "--calibrate-on chooses a judge threshold: pass --judge DIR" in capsys.readouterr().err
+
+
+def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from spd_verl.train import _val_file, held_out_eval
+
+    r = world["root"]
+    cfg = OmegaConf.create(dict(
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+                                            score_threshold=0.5, num_speculative_tokens=3)),
+        data=dict(max_response_length=12, val_files=[str(tmp_path / "val.parquet")])))
+    val = write_rows(_val_file(cfg), 5)
+    rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val)
+    out = capsys.readouterr().out
+    assert rows[0]["rule"] == "reject_all" and rows[1]["name"] == "judge@0.5"
+    assert f"calibration on {val}" in out and "held-out (6 problems): reject_all acc" in out
+    if len(rows) == 3:  # the calibrated threshold differs from 0.5
+        assert f"judge@{rows[2]['setting']:g} (chosen on val.parquet) acc" in out
+    else:
+        assert len(rows) == 2 and "chosen on" not in out
+    cfg.data.val_files = ["a.parquet", "b.parquet"]
+    with pytest.raises(ValueError, match="data.val_files has 2: pass --calibration-file"):
+        _val_file(cfg)

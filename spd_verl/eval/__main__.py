@@ -2,6 +2,7 @@
 
     spd-eval --judge runs/judge_export --out runs/eval            # demo world defaults
     spd-eval --no-judge --limit 64                                # baselines only
+    spd-eval --judge J --calibrate-on val.parquet                 # + the threshold chosen on validation data
     python -m spd_verl.eval --judge J --draft D --target T --data test.parquet --gamma 6
 
 Writes results.csv, results.json (rows, verdicts, run settings) and pareto.png under --out, and
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--tol", type=float, default=0.01, help="accuracy tolerance of the verdicts (0.01 = 1 point)")
+    p.add_argument("--calibrate-on", type=Path,
+                   help="calibration parquet (validation data, not --data): choose the judge threshold with the "
+                        "most tau whose accuracy there stays within --tol of lossless, and add it to the sweep")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -103,6 +107,14 @@ def run(args, log=print) -> dict:
     judge = None if args.no_judge else load_eval_judge(args.judge, target, device)
     eos = eos_token_id(tokenizer, target)
 
+    calibration = None
+    if args.calibrate_on is not None:
+        if judge is None:
+            raise ValueError("--calibrate-on chooses a judge threshold: pass --judge DIR")
+        calibration = _calibrate(args, paths["data"], draft, target, judge, tokenizer, eos, log)
+        if "threshold" in calibration and calibration["threshold"] not in args.thresholds:
+            args.thresholds = sorted([*args.thresholds, calibration["threshold"]])
+
     rules = build_rules(args.thresholds, args.target_prob_eps, args.typical_eps, with_judge=judge is not None)
     if not args.no_reference:
         rules += reference_rules(rows, target, tokenizer, args.max_new_tokens, eos, log=log)
@@ -125,6 +137,8 @@ def run(args, log=print) -> dict:
         rules=[r["name"] for r in results], lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
         time=datetime.datetime.now().isoformat(timespec="seconds"),
     )
+    if calibration is not None:
+        settings["calibration"] = calibration
     oracle = [r for r in results if r["rule"] == "oracle"]
     if oracle and base["tau"] > 0:
         settings["oracle_headroom"] = oracle[0]["tau"] / base["tau"]
@@ -145,8 +159,33 @@ def run(args, log=print) -> dict:
             log(v["text"])
     else:
         log("no judge evaluated: no verdicts")
+    if calibration is not None and "threshold" in calibration:
+        t = calibration["threshold"]
+        ours = next(r for r in results if r["rule"] == "judge" and r["setting"] == t)
+        log(f"calibrated threshold {t:g} (on {args.calibrate_on.name}): held-out accuracy {100 * ours['accuracy']:.1f}%, "
+            f"τ {ours['tau']:.3f} ({ours['tau'] / base['tau']:.2f}x lossless)")
     log(f"\nwrote {files['csv']}, {files['json']}, {files['png']}")
     return dict(rows=results, verdicts=verdict_rows, settings=settings, paths=files)
+
+
+def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> dict:
+    from .calibrate import calibrate, summary
+    from .data import load_rows
+    from .report import format_table
+
+    if args.calibrate_on.resolve() == Path(data_path).resolve():
+        raise ValueError(f"--calibrate-on {args.calibrate_on} is the evaluated --data: calibrate on validation data")
+    rows = load_rows(args.calibrate_on)
+    log(f"calibration: {len(rows)} rows from {args.calibrate_on}")
+    pick, results = calibrate(draft, target, judge, tokenizer, rows, tol=args.tol, gamma=args.gamma,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos_token_id=eos,
+                              progress=not args.no_progress)
+    log(format_table(results))
+    if pick is None:
+        log(f"calibration: no judge threshold kept accuracy within {args.tol:g} of lossless; none added")
+    else:
+        log(f"calibration: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, τ {pick['tau']:.3f})")
+    return summary(pick, results, args.tol)
 
 
 def main(argv=None) -> int:

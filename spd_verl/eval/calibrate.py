@@ -1,0 +1,89 @@
+"""Choose the judge's operating threshold on a calibration set (validation data, never the test set).
+
+A judge trained with sampled decisions has no built-in operating point: 0.5 is where its sampled
+policy is indifferent, not where accuracy holds. The deployable threshold is the one with the
+most τ whose accuracy stays within ``tol`` of lossless SD *on held-in data*; the held-out set then
+measures that one threshold.
+
+    grid = coarse_grid()                                  # 0.1 ... 0.99
+    rows = evaluate(judge rules at grid + reject_all, ..., calibration rows)
+    pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
+    finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
+"""
+
+from __future__ import annotations
+
+COARSE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def _judge_rows(rows: list[dict]) -> list[dict]:
+    return sorted((r for r in rows if r["rule"] == "judge"), key=lambda r: r["setting"])
+
+
+def _lossless(rows: list[dict]) -> dict:
+    base = [r for r in rows if r["rule"] == "reject_all"]
+    if len(base) != 1:
+        raise ValueError(f"calibration needs exactly one reject_all row (lossless SD), got {len(base)}")
+    return base[0]
+
+
+def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
+    """The judge row with the highest τ among those with accuracy ≥ lossless accuracy − tol
+    (ties: the higher, more conservative threshold), or None when no judge row qualifies.
+
+    rows: sweep result rows (spd_verl.eval.evaluate) with one ``reject_all`` row and ≥ 1 ``judge`` row.
+    """
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"calibration tol must be in [0, 1), got {tol!r}")
+    judges = _judge_rows(rows)
+    if not judges:
+        raise ValueError("calibration needs judge rows (judge@<threshold>) to choose from")
+    bar = _lossless(rows)["accuracy"] - tol
+    passing = [r for r in judges if r["accuracy"] >= bar - 1e-12]
+    if not passing:
+        return None
+    return max(passing, key=lambda r: (r["tau"], r["setting"]))
+
+
+def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[float]:
+    """``points`` thresholds strictly between the picked threshold and the next lower one on the grid
+    (the side with more accepts, which failed or gave less τ): where a finer step may add τ.
+    [] when nothing was picked or the pick is the lowest setting."""
+    if pick is None:
+        return []
+    lower = [r["setting"] for r in _judge_rows(rows) if r["setting"] < pick["setting"]]
+    if not lower:
+        return []
+    lo, hi = max(lower), pick["setting"]
+    return [round(lo + (hi - lo) * k / (points + 1), 6) for k in range(1, points + 1)]
+
+
+def summary(pick: dict | None, rows: list[dict], tol: float) -> dict:
+    base = _lossless(rows)
+    out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
+               thresholds=[r["setting"] for r in _judge_rows(rows)])
+    if pick is not None:
+        out.update(threshold=pick["setting"], accuracy=pick["accuracy"], tau=pick["tau"])
+    return out
+
+
+def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
+              refine_points: int = 4, **eval_kwargs) -> tuple[dict | None, list[dict]]:
+    """Sweep reject_all and the judge at ``grid`` on the calibration ``rows``, pick, then refine once
+    between the pick and the next lower threshold. Returns (picked row or None, all sweep rows).
+    ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
+    from spd_verl.spd import RejectAll, ThresholdPolicy
+
+    from .sweep import Rule, evaluate
+
+    def judge_rules(thresholds):
+        return [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]
+
+    results = evaluate([Rule.fixed("reject_all", RejectAll()), *judge_rules(grid)], draft, target, judge,
+                       tokenizer, rows, **eval_kwargs)
+    pick = pick_threshold(results, tol)
+    finer = [t for t in refine_grid(results, pick, refine_points) if t not in set(grid)]
+    if finer:
+        results += evaluate(judge_rules(finer), draft, target, judge, tokenizer, rows, **eval_kwargs)
+        pick = pick_threshold(results, tol)
+    return pick, results
