@@ -95,7 +95,8 @@ def test_resume_continues_at_next_step_with_same_judge(first_run, tiny_world):
     # the resumed step must then leave the judge exactly as the step-2 checkpoint holds it.
     proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=3", "trainer.total_epochs=2",
                                  "actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.checkpoint.load_contents=[model]",
-                                 "trainer.val_before_train=false", "trainer.test_freq=-1")
+                                 "trainer.val_before_train=false", "trainer.test_freq=-1",
+                                 "spd.credit.branches=0")
     assert proc.returncode == 0, _fail_message(proc)
     assert "Resuming from" in proc.stdout + proc.stderr
     assert [r["step"] for r in records] == [3]

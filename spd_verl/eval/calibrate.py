@@ -5,7 +5,7 @@ policy is indifferent, not where accuracy holds. The deployable threshold is the
 most τ whose accuracy stays within ``tol`` of lossless SD *on held-in data*; the held-out set then
 measures that one threshold.
 
-    grid = coarse_grid()                                  # 0.1 ... 0.99
+    grid = COARSE_GRID                                    # 0.02 ... 0.99
     rows = evaluate(judge rules at grid + reject_all, ..., calibration rows)
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
@@ -13,7 +13,7 @@ measures that one threshold.
 
 from __future__ import annotations
 
-COARSE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+COARSE_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
 def _judge_rows(rows: list[dict]) -> list[dict]:
