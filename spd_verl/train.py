@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CALIBRATION_TOL = 0.01  # the target's bar: accuracy within 1 point of lossless
 
 
 def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[str]:
@@ -65,7 +66,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                   calibration_file: Path | None = None) -> list[dict]:
     """reject_all and the judge at ``rollout.score_threshold`` on the held-out set; with a
     ``calibration_file``, also the judge at the threshold chosen there."""
-    from spd_verl.eval.calibrate import calibrate
+    from spd_verl.eval.calibrate import calibrate, report
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate
@@ -80,11 +81,10 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
               eos_token_id=eos_token_id(tokenizer, target))
     thresholds = [ro.score_threshold]
     if calibration_file is not None:
-        pick, cal_rows = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file), **kw)
-        print(f"calibration on {calibration_file}:\n{format_table(cal_rows)}")
-        if pick is None:
-            print("calibration: no judge threshold kept accuracy within 1 point of lossless")
-        elif pick["setting"] != ro.score_threshold:
+        pick, cal_rows = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
+                                   tol=CALIBRATION_TOL, **kw)
+        print(report(pick, cal_rows, CALIBRATION_TOL, calibration_file))
+        if pick is not None and pick["setting"] != ro.score_threshold:
             thresholds.append(pick["setting"])
     rules = [Rule.fixed("reject_all", RejectAll())]
     rules += [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]

@@ -169,22 +169,15 @@ def run(args, log=print) -> dict:
 
 
 def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> dict:
-    from .calibrate import calibrate, summary
+    from .calibrate import calibrate, report, summary
     from .data import load_rows
-    from .report import format_table
 
     if args.calibrate_on.resolve() == Path(data_path).resolve():
         raise ValueError(f"--calibrate-on {args.calibrate_on} is the evaluated --data: calibrate on validation data")
-    rows = load_rows(args.calibrate_on)
-    log(f"calibration: {len(rows)} rows from {args.calibrate_on}")
-    pick, results = calibrate(draft, target, judge, tokenizer, rows, tol=args.tol, gamma=args.gamma,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos_token_id=eos,
-                              progress=not args.no_progress)
-    log(format_table(results))
-    if pick is None:
-        log(f"calibration: no judge threshold kept accuracy within {args.tol:g} of lossless; none added")
-    else:
-        log(f"calibration: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, τ {pick['tau']:.3f})")
+    pick, results = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
+                              gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              eos_token_id=eos, progress=not args.no_progress)
+    log(report(pick, results, args.tol, args.calibrate_on))
     return summary(pick, results, args.tol)
 
 

@@ -13,18 +13,13 @@ measures that one threshold.
 
 from __future__ import annotations
 
+from .pareto import lossless
+
 COARSE_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
 def _judge_rows(rows: list[dict]) -> list[dict]:
     return sorted((r for r in rows if r["rule"] == "judge"), key=lambda r: r["setting"])
-
-
-def _lossless(rows: list[dict]) -> dict:
-    base = [r for r in rows if r["rule"] == "reject_all"]
-    if len(base) != 1:
-        raise ValueError(f"calibration needs exactly one reject_all row (lossless SD), got {len(base)}")
-    return base[0]
 
 
 def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
@@ -38,7 +33,7 @@ def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
     judges = _judge_rows(rows)
     if not judges:
         raise ValueError("calibration needs judge rows (judge@<threshold>) to choose from")
-    bar = _lossless(rows)["accuracy"] - tol
+    bar = lossless(rows)["accuracy"] - tol
     passing = [r for r in judges if r["accuracy"] >= bar - 1e-12]
     if not passing:
         return None
@@ -59,12 +54,22 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
 
 
 def summary(pick: dict | None, rows: list[dict], tol: float) -> dict:
-    base = _lossless(rows)
+    base = lossless(rows)
     out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
                thresholds=[r["setting"] for r in _judge_rows(rows)])
     if pick is not None:
         out.update(threshold=pick["setting"], accuracy=pick["accuracy"], tau=pick["tau"])
     return out
+
+
+def report(pick: dict | None, rows: list[dict], tol: float, source) -> str:
+    """The calibration sweep as a table plus the pick (what spd-eval and spd-train print)."""
+    from .report import format_table
+
+    line = (f"calibration: no judge threshold kept accuracy within {tol:g} of lossless; none added" if pick is None
+            else f"calibration: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, "
+                 f"τ {pick['tau']:.3f})")
+    return f"calibration on {source} ({lossless(rows)['n']} rows):\n{format_table(rows)}\n{line}"
 
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
