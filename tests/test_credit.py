@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,26 @@ def test_trainer_adds_credit_to_verl_advantage(monkeypatch):
     trainer.config = OmegaConf.create({"spd": {"credit": {"branches": 0}}})
     written.clear()
     assert trainer._compute_advantage(batch, {}) is batch and not written
+
+
+def test_trainer_replay_buffer_polls_fast():
+    """SPDRayTrainer shortens verl's 2 s replay-buffer poll; fails if verl's buffer stops reading
+    ``poll_interval`` in its wait (the attribute would then be dead)."""
+    import inspect
+
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    from spd_verl.verl_ext.trainer import REPLAY_POLL_INTERVAL_S, SPDRayTrainer
+
+    assert "self.poll_interval" in inspect.getsource(ReplayBuffer._wait_for_next_poll)
+    configs = str(Path(__file__).parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        cfg = compose(config_name="spd_demo")
+    trainer = SPDRayTrainer.__new__(SPDRayTrainer)
+    trainer.config = cfg
+    trainer.trainer_mode = cfg.trainer.v1.trainer_mode
+    trainer._add_prompts_to_generate = lambda n: None
+    buffer = trainer._build_replay_buffer()
+    assert type(buffer) is ReplayBuffer  # the sync buffer: SPDRayTrainer is the sync trainer
+    assert buffer.poll_interval == REPLAY_POLL_INTERVAL_S < 2.0

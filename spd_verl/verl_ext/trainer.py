@@ -7,6 +7,8 @@
   ``spd_verl.scoring_model.load_judge``), written right after the weight sync so it holds exactly
   the weights just checkpointed;
 - a check that every dataset row has ``reward_model.ground_truth``;
+- a replay buffer that polls for finished rollouts every ``REPLAY_POLL_INTERVAL_S`` instead of
+  verl's 2 s (see ``_build_replay_buffer``);
 - with ``spd.credit.branches`` > 0, the per-decision credit (``credit.py``) added to verl's GRPO
   advantage at the branched decisions. verl 0.9.1's advantage estimators see only the rewards,
   the mask and the group index, so this happens right after verl's ``_compute_advantage``.
@@ -34,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "spd"
 JUDGE_EXPORT_DIR = "judge"
+# verl's sync ReplayBuffer.sample() sleeps 2 s between looks at TransferQueue, so every generation
+# phase (training and validation) is rounded up to a multiple of 2 s: on the demo world, where a
+# step's rollouts take ~6-9 s, that was ~1 s of idle time per step (gen timings of exactly 8.04,
+# 10.05, 12.06 s). A look is one metadata read, cheap at this rate.
+REPLAY_POLL_INTERVAL_S = 0.1
 
 
 def check_ground_truth(dataset, split: str) -> None:
@@ -67,6 +74,14 @@ class SPDRayTrainer(PPOTrainerSync):
     def trainer_mode(self, value: str) -> None:
         if value not in (TRAINER_MODE, "sync"):
             raise ValueError(f"SPDRayTrainer is registered as trainer.v1.trainer_mode={TRAINER_MODE!r}, got {value!r}")
+
+    def _build_replay_buffer(self):
+        buffer = super()._build_replay_buffer()
+        if not hasattr(buffer, "poll_interval"):
+            raise RuntimeError(f"{type(buffer).__name__} has no poll_interval: verl's replay buffer changed, "
+                               "review SPDRayTrainer._build_replay_buffer")
+        buffer.poll_interval = REPLAY_POLL_INTERVAL_S
+        return buffer
 
     def _init_dataloader(self):
         super()._init_dataloader()
