@@ -417,3 +417,40 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
     cfg.data.val_files = ["a.parquet", "b.parquet"]
     with pytest.raises(ValueError, match="data.val_files has 2: pass --calibration-file"):
         _val_file(cfg)
+
+
+def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_path, monkeypatch):
+    """Thresholds above one that accepted no mismatch are not decoded, and the row they reuse equals
+    what decoding them gives (the claim the shortcut rests on)."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate, report, reused
+    from spd_verl.eval.data import load_rows
+    from spd_verl.spd import ThresholdPolicy
+
+    judge = ScoringModel.from_backbone(world["draft"]).eval()
+    with torch.no_grad():  # P(accept) spread a little around 0.5: 0.9 and above accept nothing
+        judge.score_head.weight.normal_(0, 0.02)
+    rows = load_rows(write_rows(tmp_path / "val.parquet", 4))
+    models = (world["draft"], world["target"], judge, world["tokenizer"], rows)
+    kw = dict(gamma=3, max_new_tokens=24, progress=False)
+    decoded = []
+    real = sweep_mod.evaluate
+    monkeypatch.setattr(sweep_mod, "evaluate", lambda rules, *a, **k: decoded.extend(r.name for r in rules)
+                        or real(rules, *a, **k))
+    grid = (0.02, 0.3, 0.5, 0.9, 0.99, 0.999999)
+    pick, results = calibrate(*models, grid=grid, refine_points=0, **kw)
+    by = {r["setting"]: r for r in results if r["rule"] == "judge"}
+    assert sorted(by) == sorted(grid) and by[0.02]["accepted_mismatches"] > 0
+    first = min(t for t in grid if by[t]["accepted_mismatches"] == 0)
+    skipped = [t for t in grid if t > first]
+    assert skipped, "the fixture judge should accept nothing before the top of the grid"
+    assert all(by[t]["reused_from"] == f"judge@{first:g}" and f"judge@{t:g}" not in decoded for t in skipped)
+    assert all(f"judge@{t:g}" in decoded for t in grid if t <= first)
+    # decoding a skipped threshold gives the reused row, wall time aside
+    direct = real([sweep_mod.Rule.fixed("judge", ThresholdPolicy(skipped[-1]), skipped[-1])], *models, **kw)[0]
+    drop = {"wall_time_s", "reused_from"}
+    assert {k: v for k, v in direct.items() if k not in drop} == \
+        {k: v for k, v in by[skipped[-1]].items() if k not in drop}
+    assert f"not decoded: judge@{skipped[0]:g}" in report(pick, results, 0.01, "val.parquet")
+    with pytest.raises(ValueError, match="accepted 3 mismatches"):
+        reused({**by[first], "accepted_mismatches": 3}, 0.99)

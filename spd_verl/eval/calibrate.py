@@ -9,6 +9,11 @@ measures that one threshold.
     rows = evaluate(judge rules at grid + reject_all, ..., calibration rows)
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
+
+Thresholds run in ascending order, and once one accepts no mismatch on the whole set, the higher ones
+are not decoded: every decision on that set then scored at most that threshold, so a higher one
+rejects the same decisions on the same (lossless) trajectories and its row is the same, measured
+(marked ``reused_from``). A judge whose P(accept) stays below 0.5 skips half the grid this way.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ def report(pick: dict | None, rows: list[dict], tol: float, source) -> str:
     line = (f"calibration: no judge threshold kept accuracy within {tol:g} of lossless; none added" if pick is None
             else f"calibration: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, "
                  f"τ {pick['tau']:.3f})")
+    reused_rows = [r for r in _judge_rows(rows) if r.get("reused_from")]
+    if reused_rows:
+        line = (f"not decoded: {', '.join(r['name'] for r in reused_rows)} (= {reused_rows[0]['reused_from']}, which "
+                f"accepted no mismatch: a higher threshold decodes the same lossless trajectories)\n{line}")
     return f"calibration on {source} ({lossless(rows)['n']} rows):\n{format_table(rows)}\n{line}"
 
 
@@ -81,14 +90,35 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
 
     from .sweep import Rule, evaluate
 
-    def judge_rules(thresholds):
-        return [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]
+    results = evaluate([Rule.fixed("reject_all", RejectAll())], draft, target, judge, tokenizer, rows,
+                       **eval_kwargs)
+    silent_from = None  # lowest threshold measured to accept nothing on these rows
 
-    results = evaluate([Rule.fixed("reject_all", RejectAll()), *judge_rules(grid)], draft, target, judge,
-                       tokenizer, rows, **eval_kwargs)
+    def sweep(thresholds):
+        nonlocal silent_from
+        for t in sorted(thresholds):
+            if silent_from is not None and t >= silent_from["setting"]:
+                results.append(reused(silent_from, t))
+                continue
+            row = evaluate([Rule.fixed("judge", ThresholdPolicy(t), t)], draft, target, judge, tokenizer, rows,
+                           **eval_kwargs)[0]
+            results.append(row)
+            if row["accepted_mismatches"] == 0:
+                silent_from = row
+
+    sweep(grid)
     pick = pick_threshold(results, tol)
     finer = [t for t in refine_grid(results, pick, refine_points) if t not in set(grid)]
     if finer:
-        results += evaluate(judge_rules(finer), draft, target, judge, tokenizer, rows, **eval_kwargs)
+        sweep(finer)
         pick = pick_threshold(results, tol)
     return pick, results
+
+
+def reused(row: dict, threshold: float) -> dict:
+    """``row`` (a judge threshold that accepted nothing) as the row of a higher ``threshold``."""
+    if threshold < row["setting"] or row["accepted_mismatches"]:
+        raise ValueError(f"judge@{row['setting']:g} accepted {row['accepted_mismatches']} mismatches; its row "
+                         f"stands only for higher thresholds of a judge that accepted none (got {threshold:g})")
+    return {**row, "setting": threshold, "name": f"judge@{threshold:g}", "wall_time_s": 0.0,
+            "reused_from": row["name"]}
