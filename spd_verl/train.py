@@ -1,7 +1,8 @@
 """spd-train: the demo's main command — GRPO training of the judge through verl's own
 ``python -m verl.trainer.main_ppo`` (nothing else drives training), then a held-out evaluation of
 lossless SD (reject_all) against the trained judge at its configured threshold and at the threshold
-chosen on the validation split (spd_verl.eval.calibrate).
+chosen on held-in data (spd_verl.eval.calibrate): a coarse grid on the validation split, then, when
+a ``calib.parquet`` sits beside it (the demo world ships 400 problems), a fine window there.
 
     spd-train                                   # demo world, configs/spd_demo.yaml, CPU
     spd-train trainer.total_training_steps=20   # any Hydra override goes to main_ppo
@@ -62,11 +63,22 @@ def _val_file(cfg) -> Path:
     return Path(files[0])
 
 
+def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Path | None:
+    """``calib.parquet`` beside the calibration file, when there is one (and it is not the test set)."""
+    if calibration_file is None:
+        return None
+    sibling = calibration_file.parent / "calib.parquet"
+    if not sibling.exists() or sibling.resolve() in (calibration_file.resolve(), test_file.resolve()):
+        return None
+    return sibling
+
+
 def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
-                  calibration_file: Path | None = None) -> list[dict]:
+                  calibration_file: Path | None = None, fine_file: Path | None = None) -> list[dict]:
     """reject_all and the judge at ``rollout.score_threshold`` on the held-out set; with a
-    ``calibration_file``, also the judge at the threshold chosen there."""
-    from spd_verl.eval.calibrate import calibrate, report
+    ``calibration_file``, also the judge at the threshold chosen there (in a fine window on
+    ``fine_file`` after the coarse grid, when given)."""
+    from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate
@@ -81,9 +93,13 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
               eos_token_id=eos_token_id(tokenizer, target))
     thresholds = [ro.score_threshold]
     if calibration_file is not None:
-        pick, cal_rows = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
-                                   tol=CALIBRATION_TOL, **kw)
-        print(report(pick, cal_rows, CALIBRATION_TOL, calibration_file))
+        for path in (calibration_file, fine_file):
+            if path is not None and path.resolve() == Path(test_file).resolve():
+                raise ValueError(f"calibration file {path} is the held-out test file: calibrate on held-in data")
+        fine_rows = load_rows(fine_file) if fine_file is not None else None
+        pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
+                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, **kw)
+        print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file))
         if pick is not None and pick["setting"] != ro.score_threshold:
             thresholds.append(pick["setting"])
     rules = [Rule.fixed("reject_all", RejectAll())]
@@ -93,7 +109,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     base = rows[0]
     parts = [f"reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f}"]
     for i, (r, t) in enumerate(zip(rows[1:], thresholds)):
-        tag = f" (chosen on {calibration_file.name})" if i else ""
+        tag = f" (chosen on {(fine_file or calibration_file).name})" if i else ""
         parts.append(f"judge@{t:g}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
     print(f"held-out ({base['n']} problems): " + " | ".join(parts))
     return rows
@@ -109,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--calibration-file", type=Path,
                     help="parquet on which to choose the judge's threshold (default: the config's data.val_files)")
+    ap.add_argument("--fine-calibration-file", type=Path,
+                    help="larger parquet for the fine stage of the threshold choice (default: calib.parquet beside "
+                         "the calibration file, if there is one)")
     ap.add_argument("--no-calibration", action="store_true", help="evaluate at rollout.score_threshold only")
     args, overrides = ap.parse_known_args(argv)
     out = args.out.resolve()
@@ -133,7 +152,9 @@ def main(argv=None) -> int:
         test_file = WORLD_DIR / "data" / "test.parquet"
     print(f"held-out evaluation of {judge_dir} on {test_file}", flush=True)
     calibration_file = None if args.no_calibration else (args.calibration_file or _val_file(cfg))
-    held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file)
+    fine_file = None if args.no_calibration else (args.fine_calibration_file or
+                                                  fine_calibration_file(calibration_file, test_file))
+    held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file, fine_file)
     return 0
 
 

@@ -419,6 +419,64 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
         _val_file(cfg)
 
 
+def test_fine_window():
+    from spd_verl.eval.calibrate import COARSE_GRID, fine_window
+
+    assert fine_window(COARSE_GRID, {"setting": 0.8}) == [0.7, 0.74, 0.78, 0.82, 0.86, 0.9]
+    assert fine_window(COARSE_GRID, {"setting": 0.02}, points=3) == [0.02, 0.035, 0.05]  # lowest: from itself
+    assert fine_window(COARSE_GRID, None, points=2) == [0.97, 0.99]  # nothing kept accuracy: the top step
+    assert fine_window((0.5,), {"setting": 0.5}) == [0.5]
+    with pytest.raises(ValueError, match="at least 2 points"):
+        fine_window(COARSE_GRID, None, points=1)
+
+
+def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
+    """Coarse grid on val, then reject_all + the fine window on the larger set, where the pick is made;
+    spd-train finds calib.parquet beside the val file and says where the threshold was chosen."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.eval.calibrate import calibrate, fine_window, pick_threshold
+    from spd_verl.eval.data import load_rows
+    from spd_verl.train import fine_calibration_file, held_out_eval
+
+    r = world["root"]
+    val, calib = write_rows(tmp_path / "val.parquet", 4), write_rows(tmp_path / "calib.parquet", 6, seed=1)
+    judge = load_judge(r / "judge")
+    grid = (0.1, 0.5, 0.9)
+    pick, coarse, fine = calibrate(world["draft"], world["target"], judge, world["tokenizer"], load_rows(val),
+                                   grid=grid, fine_rows=load_rows(calib), fine_points=3, gamma=3,
+                                   max_new_tokens=12, progress=False)
+    assert [x["n"] for x in coarse] == [4] * 4 and all(x["n"] == 6 for x in fine)
+    assert [x["name"] for x in fine][0] == "reject_all"
+    window = fine_window(grid, pick_threshold(coarse), 3)
+    assert [x["setting"] for x in fine[1:]] == window
+    assert pick == pick_threshold(fine)
+
+    assert fine_calibration_file(val, world["data"]) == calib
+    assert fine_calibration_file(calib, world["data"]) is None  # it is the calibration file itself
+    assert fine_calibration_file(None, world["data"]) is None
+    cfg = OmegaConf.create(dict(
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+                                            score_threshold=0.5, num_speculative_tokens=3)),
+        data=dict(max_response_length=12)))
+    rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=calib)
+    out = capsys.readouterr().out
+    assert f"coarse stage on {val} (4 rows)" in out and f"calibration on {calib} (6 rows)" in out
+    if len(rows) == 3:
+        assert f"(chosen on calib.parquet) acc" in out
+    with pytest.raises(ValueError, match="is the held-out test file"):
+        held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=world["data"])
+
+
+def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
+    calib = write_rows(tmp_path / "calib.parquet", 3)
+    assert main(cli_args(world, tmp_path / "a", extra=["--calibrate-fine", str(calib)])) == 2
+    assert "--calibrate-fine is the second stage of --calibrate-on" in capsys.readouterr().err
+    assert main(cli_args(world, tmp_path / "b", extra=["--calibrate-on", str(calib),
+                                                       "--calibrate-fine", str(world["data"])])) == 2
+    assert "--calibrate-fine" in capsys.readouterr().err
+
+
 def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_path, monkeypatch):
     """Thresholds above one that accepted no mismatch are not decoded, and the row they reuse equals
     what decoding them gives (the claim the shortcut rests on)."""
@@ -438,7 +496,8 @@ def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_pa
     monkeypatch.setattr(sweep_mod, "evaluate", lambda rules, *a, **k: decoded.extend(r.name for r in rules)
                         or real(rules, *a, **k))
     grid = (0.02, 0.3, 0.5, 0.9, 0.99, 0.999999)
-    pick, results = calibrate(*models, grid=grid, refine_points=0, **kw)
+    pick, results, fine = calibrate(*models, grid=grid, refine_points=0, **kw)
+    assert fine == []
     by = {r["setting"]: r for r in results if r["rule"] == "judge"}
     assert sorted(by) == sorted(grid) and by[0.02]["accepted_mismatches"] > 0
     first = min(t for t in grid if by[t]["accepted_mismatches"] == 0)

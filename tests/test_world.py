@@ -179,12 +179,31 @@ def test_committed_world_loads(world):
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(world.draft) < n(world.target)
     assert not world.target.training and not world.draft.training
-    for split in ("train", "val", "test"):
+    questions = {}
+    for split in ("train", "val", "test", "calib"):
         texts, gts = read_split(world.data_dir / f"{split}.parquet")
         assert texts and len(texts) == len(gts)
+        questions[split] = set(texts)
+    assert len(questions["calib"]) == 400
+    for a, b in [("calib", "train"), ("calib", "val"), ("calib", "test"), ("val", "test"), ("val", "train"),
+                 ("test", "train")]:
+        assert not questions[a] & questions[b], f"{a} and {b} share questions"
     assert (WORLD_DIR / "card.json").exists()
     # the saved tokenizer is the one the code builds
     assert world.tokenizer.get_vocab() == build_tokenizer().get_vocab()
+
+
+def test_calib_split_is_what_spd_world_writes():
+    """The committed calib split is split_problems' (drawn after train, so it avoids every problem the
+    models were trained on, not only the committed prefix)."""
+    from spd_verl.world.build import HOUSE_STYLES, N_CALIB, TARGET, split_problems
+    from spd_verl.world.train import ModelSpec
+
+    spec = ModelSpec(**{**TARGET, "steps": HOUSE_STYLES["target_steps"]})
+    train, _, _, calib = split_problems(0, max(spec.steps * spec.batch_size, 20_000))
+    assert len(calib) == N_CALIB and not {p.question for p in calib} & {p.question for p in train}
+    texts, gts = read_split(WORLD_DIR / "data" / "calib.parquet")
+    assert texts == [p.question for p in calib] and gts == [str(p.answer) for p in calib]
 
 
 def test_committed_target_solves_problems(world):

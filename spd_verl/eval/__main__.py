@@ -3,6 +3,7 @@
     spd-eval --judge runs/judge_export --out runs/eval            # demo world defaults
     spd-eval --no-judge --limit 64                                # baselines only
     spd-eval --judge J --calibrate-on val.parquet                 # + the threshold chosen on validation data
+    spd-eval --judge J --calibrate-on val.parquet --calibrate-fine calib.parquet   # coarse on val, fine on calib
     python -m spd_verl.eval --judge J --draft D --target T --data test.parquet --gamma 6
 
 Writes results.csv, results.json (rows, verdicts, run settings) and pareto.png under --out, and
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-on", type=Path,
                    help="calibration parquet (validation data, not --data): choose the judge threshold with the "
                         "most tau whose accuracy there stays within --tol of lossless, and add it to the sweep")
+    p.add_argument("--calibrate-fine", type=Path,
+                   help="a larger calibration parquet (not --data; e.g. the demo world's data/calib.parquet): "
+                        "after the coarse grid on --calibrate-on, choose among thresholds around that pick here")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -108,6 +112,8 @@ def run(args, log=print) -> dict:
     eos = eos_token_id(tokenizer, target)
 
     calibration = None
+    if args.calibrate_fine is not None and args.calibrate_on is None:
+        raise ValueError("--calibrate-fine is the second stage of --calibrate-on: pass --calibrate-on VAL too")
     if args.calibrate_on is not None:
         if judge is None:
             raise ValueError("--calibrate-on chooses a judge threshold: pass --judge DIR")
@@ -162,23 +168,26 @@ def run(args, log=print) -> dict:
     if calibration is not None and "threshold" in calibration:
         t = calibration["threshold"]
         ours = next(r for r in results if r["rule"] == "judge" and r["setting"] == t)
-        log(f"calibrated threshold {t:g} (on {args.calibrate_on.name}): held-out accuracy {100 * ours['accuracy']:.1f}%, "
+        where = (args.calibrate_fine or args.calibrate_on).name
+        log(f"calibrated threshold {t:g} (on {where}): held-out accuracy {100 * ours['accuracy']:.1f}%, "
             f"τ {ours['tau']:.3f} ({ours['tau'] / base['tau']:.2f}x lossless)")
     log(f"\nwrote {files['csv']}, {files['json']}, {files['png']}")
     return dict(rows=results, verdicts=verdict_rows, settings=settings, paths=files)
 
 
 def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> dict:
-    from .calibrate import calibrate, report, summary
+    from .calibrate import calibrate, reports, summary
     from .data import load_rows
 
-    if args.calibrate_on.resolve() == Path(data_path).resolve():
-        raise ValueError(f"--calibrate-on {args.calibrate_on} is the evaluated --data: calibrate on validation data")
-    pick, results = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
-                              gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              eos_token_id=eos, progress=not args.no_progress)
-    log(report(pick, results, args.tol, args.calibrate_on))
-    return summary(pick, results, args.tol)
+    for flag, path in (("--calibrate-on", args.calibrate_on), ("--calibrate-fine", args.calibrate_fine)):
+        if path is not None and path.resolve() == Path(data_path).resolve():
+            raise ValueError(f"{flag} {path} is the evaluated --data: calibrate on validation data")
+    fine_rows = load_rows(args.calibrate_fine) if args.calibrate_fine is not None else None
+    pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
+                                   fine_rows=fine_rows, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress)
+    log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine))
+    return summary(pick, fine or coarse, args.tol, coarse=coarse if fine else None)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,15 @@ measures that one threshold.
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
 
+or, with a larger calibration set (``fine_rows``; the demo world's calib split, 400 problems):
+
+    window = fine_window(grid, pick)                      # 6 thresholds from the grid step below to the one above
+    pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
+
+150 validation problems move 0.67 points per answer, as much as the bar allows, so a single-stage
+pick on them is mostly noise for a judge whose accuracy falls steeply with the threshold (one such
+judge picked 0.8 there, τ 1.05x, where 400 fresh problems pick 0.74: README, Results).
+
 Thresholds run in ascending order, and once one accepts no mismatch on the whole set, the higher ones
 are not decoded: every decision on that set then scored at most that threshold, so a higher one
 rejects the same decisions on the same (lossless) trajectories and its row is the same, measured
@@ -58,61 +67,105 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
     return [round(lo + (hi - lo) * k / (points + 1), 6) for k in range(1, points + 1)]
 
 
-def summary(pick: dict | None, rows: list[dict], tol: float) -> dict:
+def summary(pick: dict | None, rows: list[dict], tol: float, coarse: list[dict] | None = None) -> dict:
+    """What was chosen where: ``rows`` = the rows the pick was made on (the fine stage's, when
+    ``coarse`` rows are also given)."""
     base = lossless(rows)
     out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
                thresholds=[r["setting"] for r in _judge_rows(rows)])
+    if coarse:
+        coarse_pick = pick_threshold(coarse, tol)
+        out["coarse"] = dict(n=lossless(coarse)["n"], thresholds=[r["setting"] for r in _judge_rows(coarse)],
+                             threshold=None if coarse_pick is None else coarse_pick["setting"])
     if pick is not None:
         out.update(threshold=pick["setting"], accuracy=pick["accuracy"], tau=pick["tau"])
     return out
 
 
-def report(pick: dict | None, rows: list[dict], tol: float, source) -> str:
-    """The calibration sweep as a table plus the pick (what spd-eval and spd-train print)."""
+def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str = "calibration") -> str:
+    """The calibration sweep as a table plus the pick (what spd-eval and spd-train print);
+    ``stage``: "calibration" for the final pick, "coarse stage" before a fine one."""
     from .report import format_table
 
-    line = (f"calibration: no judge threshold kept accuracy within {tol:g} of lossless; none added" if pick is None
-            else f"calibration: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, "
+    line = (f"{stage}: no judge threshold kept accuracy within {tol:g} of lossless" if pick is None
+            else f"{stage}: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, "
                  f"τ {pick['tau']:.3f})")
     reused_rows = [r for r in _judge_rows(rows) if r.get("reused_from")]
     if reused_rows:
         line = (f"not decoded: {', '.join(r['name'] for r in reused_rows)} (= {reused_rows[0]['reused_from']}, which "
                 f"accepted no mismatch: a higher threshold decodes the same lossless trajectories)\n{line}")
-    return f"calibration on {source} ({lossless(rows)['n']} rows):\n{format_table(rows)}\n{line}"
+    return f"{stage} on {source} ({lossless(rows)['n']} rows):\n{format_table(rows)}\n{line}"
+
+
+def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, source, fine_source=None) -> str:
+    """:func:`report` of a :func:`calibrate` result: the coarse table, then the fine one if any."""
+    if not fine:
+        return report(pick, coarse, tol, source)
+    return "\n".join([report(pick_threshold(coarse, tol), coarse, tol, source, stage="coarse stage"),
+                      report(pick, fine, tol, fine_source, stage="calibration")])
+
+
+def fine_window(grid, pick: dict | None, points: int = 6) -> list[float]:
+    """``points`` evenly spaced thresholds from the grid setting below a coarse ``pick`` to the one
+    above it (both included): where the fine stage looks, since a small coarse set can miss the
+    crossing by a grid step either way. No pick (nothing kept accuracy): the top grid step."""
+    grid = sorted(grid)
+    if points < 2:
+        raise ValueError(f"fine calibration needs at least 2 points, got {points}")
+    if pick is None:
+        lo, hi = grid[-2] if len(grid) > 1 else grid[-1], grid[-1]
+    else:
+        p = pick["setting"]
+        lo = max([t for t in grid if t < p], default=p)
+        hi = min([t for t in grid if t > p], default=p)
+    if lo == hi:
+        return [lo]
+    return [round(lo + (hi - lo) * k / (points - 1), 6) for k in range(points)]
 
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
-              refine_points: int = 4, **eval_kwargs) -> tuple[dict | None, list[dict]]:
-    """Sweep reject_all and the judge at ``grid`` on the calibration ``rows``, pick, then refine once
-    between the pick and the next lower threshold. Returns (picked row or None, all sweep rows).
+              refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 6,
+              **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
+    """Sweep reject_all and the judge at ``grid`` on the calibration ``rows`` and pick.
+
+    Without ``fine_rows``: refine once between the pick and the next lower threshold, on ``rows``.
+    With ``fine_rows`` (a larger calibration set): sweep reject_all and :func:`fine_window` around
+    the coarse pick on them instead, and pick there.
+
+    Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
     from spd_verl.spd import RejectAll, ThresholdPolicy
 
     from .sweep import Rule, evaluate
 
-    results = evaluate([Rule.fixed("reject_all", RejectAll())], draft, target, judge, tokenizer, rows,
-                       **eval_kwargs)
-    silent_from = None  # lowest threshold measured to accept nothing on these rows
-
-    def sweep(thresholds):
-        nonlocal silent_from
+    def run(thresholds, data, results, baseline=False):
+        """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` on ``data``,
+        reusing the row of the lowest threshold that accepted nothing for every higher one."""
+        if baseline:
+            results += evaluate([Rule.fixed("reject_all", RejectAll())], draft, target, judge, tokenizer, data,
+                                **eval_kwargs)
+        silent = next((r for r in _judge_rows(results) if r["accepted_mismatches"] == 0), None)
         for t in sorted(thresholds):
-            if silent_from is not None and t >= silent_from["setting"]:
-                results.append(reused(silent_from, t))
+            if silent is not None and t >= silent["setting"]:
+                results.append(reused(silent, t))
                 continue
-            row = evaluate([Rule.fixed("judge", ThresholdPolicy(t), t)], draft, target, judge, tokenizer, rows,
+            row = evaluate([Rule.fixed("judge", ThresholdPolicy(t), t)], draft, target, judge, tokenizer, data,
                            **eval_kwargs)[0]
             results.append(row)
             if row["accepted_mismatches"] == 0:
-                silent_from = row
+                silent = row
+        return results
 
-    sweep(grid)
-    pick = pick_threshold(results, tol)
-    finer = [t for t in refine_grid(results, pick, refine_points) if t not in set(grid)]
+    coarse = run(grid, rows, [], baseline=True)
+    pick = pick_threshold(coarse, tol)
+    if fine_rows is not None:
+        fine = run(fine_window(grid, pick, fine_points), fine_rows, [], baseline=True)
+        return pick_threshold(fine, tol), coarse, fine
+    finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
-        sweep(finer)
-        pick = pick_threshold(results, tol)
-    return pick, results
+        run(finer, rows, coarse)
+        pick = pick_threshold(coarse, tol)
+    return pick, coarse, []
 
 
 def reused(row: dict, threshold: float) -> dict:

@@ -1,7 +1,7 @@
 """Build the demo world: `spd-world` / `python -m spd_verl.world`.
 
 Writes, under --out (default: the packaged assets dir):
-  data/{train,val,test}.parquet   verl row format (data_source, prompt, ability, reward_model,
+  data/{train,val,test,calib}.parquet   verl row format (data_source, prompt, ability, reward_model,
                                   extra_info)
   tokenizer/ target/ draft/       Hugging Face directories (models carry the tokenizer too)
   card.json card.md               the world card (DESIGN.md §8)
@@ -23,6 +23,11 @@ from spd_verl.world import problems as P
 # Sizes. Training draws fresh problems in memory (one pass, no repeats); the committed train
 # split is a modest prefix of that stream.
 N_VAL, N_TEST = 150, 250
+# Calibration split: where spd-train chooses the judge's threshold (second, fine stage; the coarse
+# grid runs on val). 150 val problems move 0.67 points per answer, as much as the -1 point bar
+# allows, so a pick there is mostly noise. Drawn after the models were trained, so it is disjoint
+# from every problem they saw, as val and test are.
+N_CALIB = 400
 N_TRAIN_COMMITTED = 20_000
 TARGET = dict(layers=4, hidden=128, heads=4, steps=800, lr=3e-3)
 DRAFT = dict(layers=2, hidden=64, heads=4, steps=250, lr=3e-3)
@@ -43,13 +48,17 @@ def _log(msg: str) -> None:
 
 
 def split_problems(seed: int, n_train: int):
-    """Disjoint (by question text) train/val/test problem lists, deterministic from seed."""
+    """Disjoint (by question text) train/val/test/calib problem lists, deterministic from seed.
+    (calib came last: it avoids train as well, so adding it left the other three unchanged.)"""
     test = P.generate(N_TEST, seed * 1000 + 3)
     val = P.generate(N_VAL, seed * 1000 + 2)
     held = {p.question for p in test + val}
     train = [p for p in P.generate(n_train + n_train // 50 + 100, seed * 1000 + 1)
              if p.question not in held][:n_train]
-    return train, val, test
+    held |= {p.question for p in train}
+    calib = [p for p in P.generate(N_CALIB + N_CALIB // 50 + 100, seed * 1000 + 4)
+             if p.question not in held][:N_CALIB]
+    return train, val, test, calib
 
 
 def to_rows(problems, split: str) -> list[dict]:
@@ -97,11 +106,11 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
     tspec = ModelSpec(**{**TARGET, **({"steps": target_steps} if target_steps else {})})
     dspec = ModelSpec(**{**DRAFT, **({"steps": draft_steps} if draft_steps else {})})
     n_train = max(tspec.steps * tspec.batch_size, N_TRAIN_COMMITTED)
-    train, val, test = split_problems(seed, n_train)
-    for name, probs in (("train", train[:N_TRAIN_COMMITTED]), ("val", val), ("test", test)):
+    train, val, test, calib = split_problems(seed, n_train)
+    for name, probs in (("train", train[:N_TRAIN_COMMITTED]), ("val", val), ("test", test), ("calib", calib)):
         write_parquet(to_rows(probs, name), out / "data" / f"{name}.parquet")
     _log(f"[world] data: {len(train)} training problems in memory, "
-         f"{min(len(train), N_TRAIN_COMMITTED)}/{len(val)}/{len(test)} written  "
+         f"{min(len(train), N_TRAIN_COMMITTED)}/{len(val)}/{len(test)}/{len(calib)} written  "
          f"({time.time() - t0:.0f}s)")
 
     tok = build_tokenizer()
