@@ -422,7 +422,7 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
 def test_fine_window():
     from spd_verl.eval.calibrate import COARSE_GRID, fine_window
 
-    assert fine_window(COARSE_GRID, {"setting": 0.8}) == [0.7, 0.74, 0.78, 0.82, 0.86, 0.9]
+    assert fine_window(COARSE_GRID, {"setting": 0.8}) == [0.7, 0.75, 0.8, 0.85, 0.9]
     assert fine_window(COARSE_GRID, {"setting": 0.02}, points=3) == [0.02, 0.035, 0.05]  # lowest: from itself
     assert fine_window(COARSE_GRID, None, points=2) == [0.97, 0.99]  # nothing kept accuracy: the top step
     assert fine_window((0.5,), {"setting": 0.5}) == [0.5]

@@ -12,12 +12,12 @@ measures that one threshold.
 
 or, with a larger calibration set (``fine_rows``; the demo world's calib split, 400 problems):
 
-    window = fine_window(grid, pick)                      # 6 thresholds from the grid step below to the one above
+    window = fine_window(grid, pick)                      # 5 thresholds from the grid step below to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
 
-150 validation problems move 0.67 points per answer, as much as the bar allows, so a single-stage
-pick on them is mostly noise for a judge whose accuracy falls steeply with the threshold (one such
-judge picked 0.8 there, τ 1.05x, where 400 fresh problems pick 0.74: README, Results).
+150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
+pick made on them alone is noisy; the fine stage makes it on 400 more (README, Results, for how
+much the pick still moves between problem sets).
 
 Thresholds run in ascending order, and once one accepts no mismatch on the whole set, the higher ones
 are not decoded: every decision on that set then scored at most that threshold, so a higher one
@@ -105,7 +105,7 @@ def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float,
                       report(pick, fine, tol, fine_source, stage="calibration")])
 
 
-def fine_window(grid, pick: dict | None, points: int = 6) -> list[float]:
+def fine_window(grid, pick: dict | None, points: int = 5) -> list[float]:
     """``points`` evenly spaced thresholds from the grid setting below a coarse ``pick`` to the one
     above it (both included): where the fine stage looks, since a small coarse set can miss the
     crossing by a grid step either way. No pick (nothing kept accuracy): the top grid step."""
@@ -124,7 +124,7 @@ def fine_window(grid, pick: dict | None, points: int = 6) -> list[float]:
 
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
-              refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 6,
+              refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
               **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` on the calibration ``rows`` and pick.
 
