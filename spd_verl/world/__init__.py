@@ -38,7 +38,7 @@ class World:
         return self.path / "tokenizer"
 
     def split(self, name: str) -> str:
-        """Path of a parquet split: 'train', 'val' or 'test'."""
+        """Path of a parquet split: 'train', 'val', 'test' or 'calib' (threshold calibration)."""
         return str(self.data_dir / f"{name}.parquet")
 
 
