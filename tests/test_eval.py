@@ -420,14 +420,32 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
 
 
 def test_fine_window():
-    from spd_verl.eval.calibrate import COARSE_GRID, fine_window
+    from spd_verl.eval.calibrate import COARSE_GRID, fine_window, pick_threshold
 
-    assert fine_window(COARSE_GRID, {"setting": 0.8}) == [0.7, 0.75, 0.8, 0.85, 0.9]
-    assert fine_window(COARSE_GRID, {"setting": 0.02}, points=3) == [0.02, 0.035, 0.05]  # lowest: from itself
-    assert fine_window(COARSE_GRID, None, points=2) == [0.97, 0.99]  # nothing kept accuracy: the top step
-    assert fine_window((0.5,), {"setting": 0.5}) == [0.5]
+    def sweep(cliff, tau_at=lambda t: 5.0 - t):  # the judge accepts nothing from `cliff` up
+        rows = [_r("reject_all", 3.3, 0.99)]
+        for t in COARSE_GRID:
+            rows.append(_r("judge", 3.3, 0.99, t) if t >= cliff else _r("judge", tau_at(t), 0.95, t))
+        return rows
+
+    graded = [_r("judge", 4.2, 0.985, 0.8) if r.get("setting") == 0.8 else r  # 0.8 keeps the bar, τ 4.2
+              for r in sweep(0.9)]
+    pick = pick_threshold(graded)
+    assert pick["setting"] == 0.8
+    assert fine_window(graded, pick) == [0.7, 0.75, 0.8, 0.85, 0.9]
+    # accepts nothing from 0.6 up: the pick reports 0.99 (ties: conservative), the window
+    # centres on 0.6, where the crossing is
+    cliff = sweep(0.6)
+    assert pick_threshold(cliff)["setting"] == 0.99
+    assert fine_window(cliff, pick_threshold(cliff)) == [0.5, 0.55, 0.6, 0.65, 0.7]
+    low = [_r("reject_all", 3.3, 0.99), _r("judge", 4.0, 0.99, 0.02), _r("judge", 3.5, 0.99, 0.05)]
+    assert fine_window(low, pick_threshold(low), points=3) == [0.02, 0.035, 0.05]  # lowest: from itself
+    none = sweep(2.0)  # never keeps the bar
+    assert pick_threshold(none) is None and fine_window(none, None, points=2) == [0.97, 0.99]
+    one = [_r("reject_all", 3.3, 0.99), _r("judge", 3.3, 0.99, 0.5)]
+    assert fine_window(one, pick_threshold(one)) == [0.5]
     with pytest.raises(ValueError, match="at least 2 points"):
-        fine_window(COARSE_GRID, None, points=1)
+        fine_window(graded, None, points=1)
 
 
 def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
@@ -448,7 +466,7 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
                                    max_new_tokens=12, progress=False)
     assert [x["n"] for x in coarse] == [4] * 4 and all(x["n"] == 6 for x in fine)
     assert [x["name"] for x in fine][0] == "reject_all"
-    window = fine_window(grid, pick_threshold(coarse), 3)
+    window = fine_window(coarse, pick_threshold(coarse), 3)
     assert [x["setting"] for x in fine[1:]] == window
     assert pick == pick_threshold(fine)
 

@@ -12,7 +12,7 @@ measures that one threshold.
 
 or, with a larger calibration set (``fine_rows``; the demo world's calib split, 400 problems):
 
-    window = fine_window(grid, pick)                      # 5 thresholds from the grid step below to the one above
+    window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
 
 150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
@@ -105,19 +105,26 @@ def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float,
                       report(pick, fine, tol, fine_source, stage="calibration")])
 
 
-def fine_window(grid, pick: dict | None, points: int = 5) -> list[float]:
-    """``points`` evenly spaced thresholds from the grid setting below a coarse ``pick`` to the one
-    above it (both included): where the fine stage looks, since a small coarse set can miss the
-    crossing by a grid step either way. No pick (nothing kept accuracy): the top grid step."""
-    grid = sorted(grid)
+def fine_window(rows: list[dict], pick: dict | None, points: int = 5) -> list[float]:
+    """``points`` evenly spaced thresholds from the coarse grid step below the pick to the one above
+    (both included): where the fine stage looks, since a small coarse set can miss the crossing by
+    a grid step either way. The window is centred on the *lowest* threshold with the pick's τ (a
+    judge that accepts nothing from 0.6 up ties lossless everywhere there; the pick reports 0.99,
+    the crossing is just below 0.6). No pick (nothing kept accuracy): the top grid step.
+
+    rows: the coarse sweep (its judge settings are the grid)."""
     if points < 2:
         raise ValueError(f"fine calibration needs at least 2 points, got {points}")
+    grid = [r["setting"] for r in _judge_rows(rows)]
+    if not grid:
+        raise ValueError("fine_window needs the coarse sweep's judge rows")
     if pick is None:
         lo, hi = grid[-2] if len(grid) > 1 else grid[-1], grid[-1]
     else:
-        p = pick["setting"]
-        lo = max([t for t in grid if t < p], default=p)
-        hi = min([t for t in grid if t > p], default=p)
+        centre = min(r["setting"] for r in _judge_rows(rows)
+                     if r["tau"] == pick["tau"] and r["accuracy"] >= pick["accuracy"] - 1e-12)
+        lo = max([t for t in grid if t < centre], default=centre)
+        hi = min([t for t in grid if t > centre], default=centre)
     if lo == hi:
         return [lo]
     return [round(lo + (hi - lo) * k / (points - 1), 6) for k in range(points)]
@@ -159,7 +166,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     coarse = run(grid, rows, [], baseline=True)
     pick = pick_threshold(coarse, tol)
     if fine_rows is not None:
-        fine = run(fine_window(grid, pick, fine_points), fine_rows, [], baseline=True)
+        fine = run(fine_window(coarse, pick, fine_points), fine_rows, [], baseline=True)
         return pick_threshold(fine, tol), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
