@@ -187,7 +187,7 @@ def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> di
                                    fine_rows=fine_rows, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress)
     log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine))
-    return summary(pick, fine or coarse, args.tol, coarse=coarse if fine else None)
+    return summary(pick, coarse, fine, args.tol)
 
 
 def main(argv=None) -> int:

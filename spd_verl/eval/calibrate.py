@@ -67,13 +67,14 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
     return [round(lo + (hi - lo) * k / (points + 1), 6) for k in range(1, points + 1)]
 
 
-def summary(pick: dict | None, rows: list[dict], tol: float, coarse: list[dict] | None = None) -> dict:
-    """What was chosen where: ``rows`` = the rows the pick was made on (the fine stage's, when
-    ``coarse`` rows are also given)."""
+def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float) -> dict:
+    """What was chosen where, from a :func:`calibrate` result: the set the pick was made on (the
+    fine one when there is one), plus the coarse stage's own pick when there were two stages."""
+    rows = fine or coarse
     base = lossless(rows)
     out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
                thresholds=[r["setting"] for r in _judge_rows(rows)])
-    if coarse:
+    if fine:
         coarse_pick = pick_threshold(coarse, tol)
         out["coarse"] = dict(n=lossless(coarse)["n"], thresholds=[r["setting"] for r in _judge_rows(coarse)],
                              threshold=None if coarse_pick is None else coarse_pick["setting"])
