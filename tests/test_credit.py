@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from spd_verl.reward import RewardConfig
-from spd_verl.verl_ext.credit import (Continuation, CreditConfig, add_credit, branch_points, credit_config_from,
-                                      decision_credit)
+from spd_verl.verl_ext.credit import (UNCERTAIN_FLOOR, Continuation, CreditConfig, add_credit, branch_points,
+                                      credit_config_from, decision_credit, uncertainty_weights)
 
 
 def test_credit_config_from_and_errors():
@@ -43,6 +43,23 @@ def test_branch_points():
     assert all(0 <= j < 10 for j in chosen)
     assert branch_points([3, 7], 4, rng) == [3, 7]
     assert branch_points([], 4, rng) == []
+
+
+def test_branch_points_uncertain_pick():
+    # Settled decisions (P(accept) ~ 0 or ~ 1) are rarely branched; undecided ones nearly always.
+    w = uncertainty_weights([-12.0, 0.0, 12.0, 0.2, -12.0, 12.0])
+    assert w[1] == pytest.approx(0.25) and w[0] == UNCERTAIN_FLOOR
+    counts = [0] * 6
+    rng = random.Random(1)
+    for _ in range(2000):
+        for j in branch_points(list(range(6)), 2, rng, w):
+            counts[j] += 1
+    assert min(counts[1], counts[3]) > 1600 and max(counts[0], counts[2], counts[4], counts[5]) < 200
+    assert branch_points([4, 9], 3, rng, [0.1, 0.2]) == [4, 9]
+    with pytest.raises(ValueError, match="one positive number per candidate"):
+        branch_points([1, 2], 1, rng, [0.5, 0.0])
+    with pytest.raises(ValueError, match="spd.credit.pick must be one of"):
+        CreditConfig(branches=1, pick="random")
 
 
 class _Tok:

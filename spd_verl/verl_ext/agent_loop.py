@@ -126,4 +126,4 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             generate, self.tokenizer, list(output.prompt_ids), list(output.response_ids), records, ground_truth,
             rollout_truncated=bool(output.extra_fields["spd_truncated"]), max_tokens=self.response_length,
             branches=cfg.branches, rng=rng, reward_cfg=reward_config_from(self.config),
-            gamma=self.rollout_config.num_speculative_tokens)
+            gamma=self.rollout_config.num_speculative_tokens, pick=cfg.pick)

@@ -5,7 +5,8 @@ accepted mismatches says nothing about which one broke it, and once the judge's 
 probability saturates, the rollouts of a group agree and GRPO's advantage is zero (measured on the
 house-styles world: the judge settled on "accept every non-digit", ~3% of answers lost).
 
-Here, for ``branches`` decisions per training rollout, chosen uniformly, the agent loop asks the
+Here, for ``branches`` decisions per training rollout (chosen uniformly, or with ``pick:
+uncertain`` in proportion to p(1-p), where the judge is still undecided), the agent loop asks the
 server for lossless continuations of the rollout's own prefix (Monte-Carlo branching, as VinePPO
 does for reasoning steps): one with the decision as taken, one with it flipped. Both continue
 with the target's greedy decoding, so they differ only by that decision, and each is scored with
@@ -26,6 +27,7 @@ branched (a flipped token there has no room for an answer).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from dataclasses import dataclass, field, fields
 
@@ -36,6 +38,7 @@ from .keys import POLICY_PARAM
 
 
 CREDIT_MODES = ("add", "only")
+CREDIT_PICKS = ("uniform", "uncertain")
 
 
 @dataclass
@@ -48,6 +51,9 @@ class CreditConfig:
                                                        "the GRPO advantage at a branched decision"})
     mode: str = field(default="add", metadata={"help": "'add': GRPO advantage + coef·δ; 'only': coef·δ at branched "
                                                        "decisions, 0 elsewhere (no sequence-level advantage)"})
+    pick: str = field(default="uniform", metadata={"help": "which decisions to branch: 'uniform', or 'uncertain' "
+                                                           "(drawn in proportion to p(1-p) at rollout time, so the "
+                                                           "branches go to decisions the judge has not settled)"})
 
     def __post_init__(self):
         if isinstance(self.branches, bool) or not isinstance(self.branches, int) or self.branches < 0:
@@ -56,6 +62,8 @@ class CreditConfig:
             raise ValueError(f"spd.credit.coef must be > 0, got {self.coef!r}")
         if self.mode not in CREDIT_MODES:
             raise ValueError(f"spd.credit.mode must be one of {CREDIT_MODES}, got {self.mode!r}")
+        if self.pick not in CREDIT_PICKS:
+            raise ValueError(f"spd.credit.pick must be one of {CREDIT_PICKS}, got {self.pick!r}")
 
 
 def credit_config_from(config) -> CreditConfig:
@@ -69,10 +77,32 @@ def credit_config_from(config) -> CreditConfig:
     return CreditConfig(**values)
 
 
-def branch_points(candidates: list[int], branches: int, rng: random.Random) -> list[int]:
+def branch_points(candidates: list[int], branches: int, rng: random.Random,
+                  weights: list[float] | None = None) -> list[int]:
     """Which decisions (indices into a rollout's decision list) to branch at: ``branches`` of the
-    candidates, uniformly, in order."""
-    return sorted(rng.sample(candidates, min(branches, len(candidates))))
+    candidates, in order; uniformly, or without replacement in proportion to ``weights`` (one per
+    candidate, > 0; Efraimidis-Spirakis keys u^(1/w))."""
+    k = min(branches, len(candidates))
+    if weights is None:
+        return sorted(rng.sample(candidates, k))
+    if len(weights) != len(candidates) or not all(w > 0 for w in weights):
+        raise ValueError(f"branch weights must be one positive number per candidate, got {weights!r} "
+                         f"for {len(candidates)} candidates")
+    keys = [math.log(rng.random() or 1e-300) / w for w in weights]
+    top = sorted(range(len(candidates)), key=lambda i: keys[i], reverse=True)[:k]
+    return sorted(candidates[i] for i in top)
+
+
+UNCERTAIN_FLOOR = 0.01  # every decision keeps some chance: a settled judge can still be wrong
+
+
+def uncertainty_weights(logits) -> list[float]:
+    """p(1-p) of each decision's rollout-time P(accept), floored at UNCERTAIN_FLOOR."""
+    out = []
+    for s in logits:
+        p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, float(s)))))
+        out.append(max(p * (1.0 - p), UNCERTAIN_FLOOR))
+    return out
 
 
 @dataclass
@@ -86,8 +116,8 @@ class Continuation:
 
 async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_ids: list[int], records: dict,
                           ground_truth, *, rollout_truncated: bool, max_tokens: int, branches: int,
-                          rng: random.Random, reward_cfg: RewardConfig, gamma: int | None = None
-                          ) -> dict[int, float]:
+                          rng: random.Random, reward_cfg: RewardConfig, gamma: int | None = None,
+                          pick: str = "uniform") -> dict[int, float]:
     """δ for ``branches`` decisions of one rollout: {response position: δ}.
 
     ``generate(prompt_ids, sampling_params) -> Continuation`` is one server request; all requests
@@ -97,7 +127,13 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
         raise ValueError("spd.credit needs reward kind 'gated' or 'correct_only': a branch's target forwards "
                          "over the shared prefix are not recorded, so its tau_bonus cannot be computed")
     positions, actions = records["positions"], [int(a) for a in records["actions"]]
-    chosen = branch_points([j for j, p in enumerate(positions) if p + 1 < max_tokens], branches, rng)
+    candidates = [j for j, p in enumerate(positions) if p + 1 < max_tokens]
+    weights = None
+    if pick == "uncertain":
+        weights = uncertainty_weights([records["logits"][j] for j in candidates])
+    elif pick != "uniform":
+        raise ValueError(f"pick must be one of {CREDIT_PICKS}, got {pick!r}")
+    chosen = branch_points(candidates, branches, rng, weights)
     if not chosen:
         return {}
 
