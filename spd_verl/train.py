@@ -17,6 +17,7 @@ Equivalent plain verl command (what this runs):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -74,10 +75,11 @@ def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Pat
 
 
 def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
-                  calibration_file: Path | None = None, fine_file: Path | None = None) -> list[dict]:
+                  calibration_file: Path | None = None, fine_file: Path | None = None,
+                  out_json: Path | None = None) -> list[dict]:
     """reject_all and the judge at ``rollout.score_threshold`` on the held-out set; with a
     ``calibration_file``, also the judge at the threshold chosen there (in a fine window on
-    ``fine_file`` after the coarse grid, when given)."""
+    ``fine_file`` after the coarse grid, when given). ``out_json``: every table printed, as JSON."""
     from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
@@ -92,6 +94,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     kw = dict(gamma=ro.num_speculative_tokens, max_new_tokens=cfg.data.max_response_length,
               eos_token_id=eos_token_id(tokenizer, target))
     thresholds = [ro.score_threshold]
+    record = {"judge": str(judge_dir), "test_file": str(test_file), "calibration_file": None}
     if calibration_file is not None:
         for path in (calibration_file, fine_file):
             if path is not None and path.resolve() == Path(test_file).resolve():
@@ -100,6 +103,8 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
                                        tol=CALIBRATION_TOL, fine_rows=fine_rows, **kw)
         print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file))
+        record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file or ""),
+                      calibration_pick=pick, calibration_coarse=coarse, calibration_fine=fine)
         if pick is not None and pick["setting"] != ro.score_threshold:
             thresholds.append(pick["setting"])
     rules = [Rule.fixed("reject_all", RejectAll())]
@@ -112,6 +117,10 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         tag = f" (chosen on {(fine_file or calibration_file).name})" if i else ""
         parts.append(f"judge@{t:g}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
     print(f"held-out ({base['n']} problems): " + " | ".join(parts))
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps({**record, "held_out": rows}, indent=1, default=str))
+        print(f"wrote {out_json}")
     return rows
 
 
@@ -154,7 +163,8 @@ def main(argv=None) -> int:
     calibration_file = None if args.no_calibration else (args.calibration_file or _val_file(cfg))
     fine_file = None if args.no_calibration else (args.fine_calibration_file or
                                                   fine_calibration_file(calibration_file, test_file))
-    held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file, fine_file)
+    held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file, fine_file,
+                  out_json=out / "held_out_eval.json")
     return 0
 
 

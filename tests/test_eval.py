@@ -477,9 +477,15 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
         actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
                                             score_threshold=0.5, num_speculative_tokens=3)),
         data=dict(max_response_length=12)))
-    rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=calib)
+    rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=calib,
+                         out_json=tmp_path / "eval" / "held_out.json")
     out = capsys.readouterr().out
     assert f"coarse stage on {val} (4 rows)" in out and f"calibration on {calib} (6 rows)" in out
+    saved = json.loads((tmp_path / "eval" / "held_out.json").read_text())
+    assert [x["name"] for x in saved["held_out"]] == [x["name"] for x in rows]
+    assert saved["held_out"][0]["tau"] == pytest.approx(rows[0]["tau"])
+    assert {x["n"] for x in saved["calibration_coarse"]} == {4} and {x["n"] for x in saved["calibration_fine"]} == {6}
+    assert saved["fine_calibration_file"] == str(calib)
     if len(rows) == 3:
         assert f"(chosen on calib.parquet) acc" in out
     with pytest.raises(ValueError, match="is the held-out test file"):
