@@ -103,7 +103,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
                                        tol=CALIBRATION_TOL, fine_rows=fine_rows, **kw)
         print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file))
-        record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file or ""),
+        record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
                       calibration_pick=pick, calibration_coarse=coarse, calibration_fine=fine)
         if pick is not None and pick["setting"] != ro.score_threshold:
             thresholds.append(pick["setting"])

@@ -98,11 +98,8 @@ UNCERTAIN_FLOOR = 0.01  # every decision keeps some chance: a settled judge can 
 
 def uncertainty_weights(logits) -> list[float]:
     """p(1-p) of each decision's rollout-time P(accept), floored at UNCERTAIN_FLOOR."""
-    out = []
-    for s in logits:
-        p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, float(s)))))
-        out.append(max(p * (1.0 - p), UNCERTAIN_FLOOR))
-    return out
+    p = torch.sigmoid(torch.as_tensor(logits, dtype=torch.float64))
+    return (p * (1.0 - p)).clamp_min(UNCERTAIN_FLOOR).tolist()
 
 
 @dataclass
