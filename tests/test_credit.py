@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import types
 from pathlib import Path
@@ -19,7 +20,8 @@ from omegaconf import OmegaConf
 
 from spd_verl.reward import RewardConfig
 from spd_verl.verl_ext.credit import (UNCERTAIN_FLOOR, Continuation, CreditConfig, add_credit, branch_points,
-                                      credit_config_from, decision_credit, uncertainty_weights)
+                                      credit_config_from, decision_credit, number_token_ids, soft_risk,
+                                      uncertainty_weights)
 
 
 def test_credit_config_from_and_errors():
@@ -127,6 +129,41 @@ def test_decision_credit_harmful_accept_and_gated_bonus():
     assert _credit(harmless, [5, 10, 1, 2], records, kind="gated") == {0: 0.5}
 
 
+def test_soft_risk_and_number_tokens():
+    tok = types.SimpleNamespace(get_vocab=lambda: {"Ġ12": 0, "▁3": 1, "7": 2, "gets": 3, ":": 4, "Ġ": 5, "x1": 6})
+    assert number_token_ids(tok) == frozenset({0, 1, 2})
+    lp = [-0.1, -2.0, -0.5]
+    assert soft_risk([3, 0, 2], lp, frozenset({0, 2})) == pytest.approx(2 - math.exp(-2.0) - math.exp(-0.5))
+    assert soft_risk([], [], frozenset({0})) == 0.0
+    with pytest.raises(ValueError, match="2 target log-probs for 3 tokens"):
+        soft_risk([3, 0, 2], lp[:2], frozenset({0}))
+    with pytest.raises(ValueError, match="spd.credit.soft_coef must be a number >= 0"):
+        CreditConfig(branches=1, soft_coef=-0.5)
+
+
+def test_decision_credit_soft_risk():
+    # One accepted harmless decision (both branches answer 12). The taken branch's arithmetic is
+    # doubted (p = 0.5 on its "1", p = 0.9 on its "2"), the flipped one's is sure (p = 1):
+    # soft term = -coef * (0.5 + 0.1 - 0).
+    records = {"positions": [0], "draft_tokens": [5], "target_tokens": [6], "actions": [1], "logits": [0.0]}
+    digits = frozenset(range(10))
+
+    async def generate(prompt_ids, params):
+        sure = prompt_ids[-1] == 6
+        return Continuation([10, 1, 2], 0, False, [0.0, 0.0, 0.0] if sure else [0.0, math.log(0.5), math.log(0.9)])
+
+    terms = {}
+    # taken = the rollout itself (nothing accepted after it): its own log-probs after position 0
+    got = _credit(generate, [5, 10, 1, 2], records, kind="correct_only", soft_coef=2.0, number_ids=digits,
+                  response_target_logprobs=[-3.0, 0.0, math.log(0.5), math.log(0.9)], soft_terms=terms)
+    assert got[0] == pytest.approx(-2.0 * 0.6) and terms[0] == pytest.approx(-1.2)
+    # soft off: the same decision gets the plain reward difference, and no terms are reported
+    terms.clear()
+    assert _credit(generate, [5, 10, 1, 2], records, soft_terms=terms) == {0: 0.0} and terms == {}
+    with pytest.raises(ValueError, match="soft_coef > 0 needs the rollout's target log-probs"):
+        _credit(generate, [5, 10, 1, 2], records, soft_coef=1.0, number_ids=digits)
+
+
 def test_add_credit():
     adv = torch.tensor([[0.5, 0.5, 0.5], [-1.0, -1.0, -1.0]])
     credit = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -176,9 +213,11 @@ def test_server_lossless_requests_equal_reject_all(tiny_world):
         return [o.token_ids for o in outs], outs
 
     got, outs = asyncio.run(run())
-    expected = server.decoder.generate(prompts, RejectAll(), max_new_tokens=[4, 12],
-                                       eos_token_id=server.eos_token_id).responses
-    assert got == expected
+    ref = server.decoder.generate(prompts, RejectAll(), max_new_tokens=[4, 12], eos_token_id=server.eos_token_id)
+    assert got == ref.responses
+    # the soft risk's input: the target's log-prob of every returned token
+    assert [o.extra_fields["spd_target_logprobs"] for o in outs] == ref.target_logprobs
+    assert [len(o.extra_fields["spd_target_logprobs"]) for o in outs] == [len(g) for g in got]
     assert all(o.extra_fields["spd_decision_mode"] == "lossless" for o in outs)
     assert all(o.extra_fields["spd_accepted_mismatches"] == 0 for o in outs)
     with pytest.raises(ValueError, match="spd_policy='accept_all': the spd server knows only 'reject_all'"):

@@ -173,3 +173,22 @@ def test_bad_input_errors(models):
     for bad in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"threshold must be in the open interval \(0, 1\)"):
             ThresholdPolicy(bad)
+
+
+@pytest.mark.parametrize("policy", [RejectAll(), AcceptAll(), BernoulliPolicy(seed=3)], ids=lambda p: p.name)
+def test_target_logprobs_replay_a_target_forward(models, policy):
+    """target_logprobs[b][j] is the target's log-prob of emitted token j given everything before it,
+    whichever policy decided: one plain target forward over prompt + response reproduces it."""
+    target, draft = models
+    prompts = random_prompts(4, seed=21)
+    judge = ScoringModel.from_backbone(draft) if policy.needs_judge else None
+    res = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=4).generate(
+        prompts, policy, max_new_tokens=30)
+    for p, r, lps in zip(prompts, res.responses, res.target_logprobs):
+        assert len(lps) == len(r) > 0
+        with torch.no_grad():
+            lp = torch.log_softmax(target(torch.tensor([p + r])).logits[0].float(), dim=-1)
+        ref = lp[len(p) - 1:-1].gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=1e-4)
+        if policy.name == "reject_all":  # lossless text is the target's argmax: its top-1 log-prob
+            torch.testing.assert_close(torch.tensor(lps), lp[len(p) - 1:-1].max(-1).values, atol=1e-4, rtol=1e-4)

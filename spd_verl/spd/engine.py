@@ -44,6 +44,10 @@ class SDResult:
     responses: list[list[int]]
     decisions: list[DecisionRecord]
     stats: dict
+    # Target log-prob of every emitted token, aligned with ``responses`` (the verification pass
+    # computes it anyway). Lossless decoding emits the target's argmax, so there it is the target's
+    # confidence in its own text: what the credit's soft risk reads (verl_ext/credit.py).
+    target_logprobs: list[list[float]] = field(default_factory=list)
 
 
 def _eos_set(eos_token_id) -> set[int]:
@@ -134,6 +138,7 @@ class SpeculativeDecoder:
         use_judge = policy.needs_judge
         B = len(prompts)
         responses: list[list[int]] = [[] for _ in range(B)]
+        target_lps: list[list[float]] = [[] for _ in range(B)]
         records = [DecisionRecord() for _ in range(B)]
         counters = dict(draft_forwards=0, judge_forwards=0, blocks=0, draft_proposed=0, draft_kept=0, nan_logits=0)
 
@@ -229,6 +234,11 @@ class SpeculativeDecoder:
                                                                                             dtype=torch.long))
 
             # 5. Emit per row; record the decisions the walk reached.
+            # What each block position would emit: d_j before the first reject, t_j from it on (the
+            # bonus t_γ+1 when all is kept); emitted[:cut] below is a prefix of it.
+            cols = torch.arange(gamma + 1, device=dev)
+            emit_tok = torch.where(cols[None] < r[:, None], torch.cat([d, t[:, gamma:]], dim=1), t)
+            emit_lp = t_logp.gather(2, emit_tok[..., None]).squeeze(-1).tolist()
             r_list, d_list, t_list = r.tolist(), d.tolist(), t.tolist()
             mm_list, acc_list = mismatch.tolist(), accept.tolist()
             lg_list = judge_logits.tolist() if use_judge else None
@@ -255,6 +265,7 @@ class SpeculativeDecoder:
                         rec.logits.append(lg_list[i][j] if use_judge else float("nan"))
                         rec.features.append(f_list[i][j])
                 responses[b].extend(emitted[:cut])
+                target_lps[b].extend(emit_lp[i][:cut])
                 counters["draft_proposed"] += gamma
                 counters["draft_kept"] += min(ri, cut)
                 if cut < len(emitted) or len(responses[b]) >= limits[b] or (cut and emitted[cut - 1] in eos):
@@ -293,7 +304,7 @@ class SpeculativeDecoder:
             for c in caches.values():
                 c.maybe_compact()
 
-        return SDResult(responses, records, self._stats(responses, records, counters))
+        return SDResult(responses, records, self._stats(responses, records, counters), target_lps)
 
     @staticmethod
     def _stats(responses, records, counters) -> dict:

@@ -27,8 +27,8 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
 from ..spd.policies import NUM_FEATURES
-from .credit import Continuation, credit_config_from, decision_credit
-from .keys import CREDIT_KEY, DECISIONS_KEY, SIDE_FIELDS
+from .credit import Continuation, credit_config_from, decision_credit, number_token_ids
+from .keys import CREDIT_KEY, DECISIONS_KEY, SIDE_FIELDS, TARGET_LOGPROBS_KEY
 from .reward_manager import reward_config_from
 
 AGENT_NAME = "spd_agent"
@@ -84,6 +84,7 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         output = await super().run(sampling_params, **kwargs)
         extra = dict(output.extra_fields)
         records = extra.pop(DECISIONS_KEY, None)
+        target_logprobs = extra.pop(TARGET_LOGPROBS_KEY, None)  # per token: only the credit needs them
         if records is None:
             raise ValueError(f"no decision records in the rollout output: the {AGENT_NAME} agent loop needs "
                              f"actor_rollout_ref.rollout.name=spd and trainer.v1.trainer_mode=spd (verl's async "
@@ -95,17 +96,22 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             raise ValueError(f"spd rollout returned {None if logprobs is None else len(logprobs)} decision "
                              f"log-probs for a response of {length} tokens")
         if float(sampling_params.get("temperature", 0.0)) > 0:  # training rollouts only
-            credit = await self._decision_credit(output, records, kwargs)
+            soft_terms: dict[int, float] = {}
+            credit = await self._decision_credit(output, records, kwargs, target_logprobs, soft_terms)
             if credit is not None:
                 fields[CREDIT_KEY] = [float(credit.get(p, 0.0)) for p in range(length)]
                 extra["spd_branches"] = len(credit)
                 # answer-deciding: the two branches differ by a correct answer (or the length penalty)
-                extra["spd_branch_decisive"] = sum(1 for v in credit.values() if abs(v) >= 0.5)
+                extra["spd_branch_decisive"] = sum(1 for p, v in credit.items()
+                                                   if abs(v - soft_terms.get(p, 0.0)) >= 0.5)
+                if soft_terms:
+                    extra["spd_branch_soft"] = sum(soft_terms.values())
         data = output.model_dump(exclude={"response_mask", "extra_fields"})
         data["metrics"] = output.metrics
         return SPDAgentLoopOutput(**data, **fields, extra_fields=extra)
 
-    async def _decision_credit(self, output, records: dict, kwargs: dict) -> dict[int, float] | None:
+    async def _decision_credit(self, output, records: dict, kwargs: dict, target_logprobs,
+                               soft_terms: dict) -> dict[int, float] | None:
         cfg = credit_config_from(self.config)
         if not cfg.branches:
             return None
@@ -118,7 +124,7 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             out = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
                                                      sampling_params=sampling_params)
             return Continuation(list(out.token_ids), int(out.extra_fields["spd_mismatches"]),
-                                bool(out.extra_fields["spd_truncated"]))
+                                bool(out.extra_fields["spd_truncated"]), out.extra_fields.get(TARGET_LOGPROBS_KEY))
 
         # Which decisions get branched: a function of the rollout itself, so a run is repeatable.
         rng = random.Random(zlib.crc32(bytes(str(output.response_ids), "ascii")))
@@ -126,4 +132,11 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             generate, self.tokenizer, list(output.prompt_ids), list(output.response_ids), records, ground_truth,
             rollout_truncated=bool(output.extra_fields["spd_truncated"]), max_tokens=self.response_length,
             branches=cfg.branches, rng=rng, reward_cfg=reward_config_from(self.config),
-            gamma=self.rollout_config.num_speculative_tokens, pick=cfg.pick)
+            gamma=self.rollout_config.num_speculative_tokens, pick=cfg.pick, soft_coef=cfg.soft_coef,
+            number_ids=self._number_ids() if cfg.soft_coef else frozenset(),
+            response_target_logprobs=target_logprobs, soft_terms=soft_terms)
+
+    def _number_ids(self) -> frozenset[int]:
+        if getattr(self, "_number_ids_cache", None) is None:
+            self._number_ids_cache = number_token_ids(self.tokenizer)
+        return self._number_ids_cache

@@ -32,6 +32,9 @@ def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
     if branches:  # per-decision credit (credit.py): share of branched decisions that decided the answer
         out["credit_branches_per_seq"] = branches / n
         out["credit_decisive_rate"] = sum(float(r.get("branch_decisive") or 0) for r in rows) / branches
+        soft = [float(r["branch_soft"]) for r in rows if r.get("branch_soft") is not None]
+        if soft:  # mean soft-risk term per branched decision (negative: accepts made the target less sure)
+            out["credit_soft_term"] = sum(soft) / branches
     correct = [float(r["correct"]) for r in rows if r.get("correct") is not None]
     if correct:
         out["accuracy"] = sum(correct) / len(correct)
@@ -48,7 +51,7 @@ def rows_from_extra_fields(extra_fields: list[dict], response_lengths: list[int]
                          target_forwards=extra.get("spd_target_forwards"), truncated=extra.get("spd_truncated"),
                          response_length=length, correct=reward_info.get("correct"),
                          batch_size=extra.get("spd_batch_size"), branches=extra.get("spd_branches"),
-                         branch_decisive=extra.get("spd_branch_decisive")))
+                         branch_decisive=extra.get("spd_branch_decisive"), branch_soft=extra.get("spd_branch_soft")))
     return rows
 
 

@@ -31,7 +31,7 @@ from ..scoring_model import decision_log_probs, export_judge
 from ..spd import BernoulliPolicy, RejectAll, SpeculativeDecoder, ThresholdPolicy
 from .config import KEY, SPDRolloutConfig
 from .judge import build_judge, lora_merged, wrap_lora
-from .keys import DECISIONS_KEY, POLICY_PARAM
+from .keys import DECISIONS_KEY, POLICY_PARAM, TARGET_LOGPROBS_KEY
 from .weight_sync import load_synced_weights
 
 logger = logging.getLogger(__name__)
@@ -218,13 +218,14 @@ class SPDServer:
         else:
             policy = TemperedBernoulli(self._rng.randrange(2**62), temperature)
         result = self.decoder.generate(prompts, policy=policy, max_new_tokens=limits, eos_token_id=self.eos_token_id)
-        outputs = [self._token_output(resp, rec, temperature, limit, mode)
-                   for resp, rec, limit in zip(result.responses, result.decisions, limits)]
+        outputs = [self._token_output(resp, rec, temperature, limit, mode, lps)
+                   for resp, rec, limit, lps in zip(result.responses, result.decisions, limits,
+                                                    result.target_logprobs)]
         for out in outputs:
             out.extra_fields["spd_batch_size"] = len(prompts)  # how many requests shared the engine call
         return outputs
 
-    def _token_output(self, response, record, temperature, max_new_tokens, mode) -> TokenOutput:
+    def _token_output(self, response, record, temperature, max_new_tokens, mode, target_logprobs) -> TokenOutput:
         log_probs = [0.0] * len(response)
         if record.positions:
             logits = torch.tensor(record.logits, dtype=torch.float32) / temperature
@@ -244,6 +245,7 @@ class SPDServer:
             "spd_target_forwards": record.target_forwards,
             "spd_truncated": (not finished) and len(response) >= max_new_tokens,
             "spd_decision_mode": mode,
+            TARGET_LOGPROBS_KEY: list(target_logprobs),  # the credit's soft risk reads these
         }
         return TokenOutput(token_ids=list(response), log_probs=log_probs,
                            stop_reason="completed" if finished else "length", extra_fields=extra)
