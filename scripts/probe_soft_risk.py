@@ -63,27 +63,30 @@ def main(argv=None):
 
     ok_taken, risk_taken = branch(lambda d, t: d)
     ok_flipped, risk_flipped = branch(lambda d, t: t)
-    by = collections.defaultdict(lambda: {"accepts": 0, "broken": 0, "delta_risk": 0.0})
+    by = collections.defaultdict(lambda: {"accepts": 0, "broken": 0, "saved": 0, "delta_risk": 0.0})
     broken, safe = [], []
     for k, (b, p, d, t) in enumerate(items):
         harm = int(ok_flipped[k]) - int(ok_taken[k])
         delta = risk_taken[k] - risk_flipped[k]
         e = by[tok.convert_ids_to_tokens(d)]
         e["accepts"] += 1
-        e["broken"] += harm
+        e["broken"] += harm == 1   # the taken accept lost an answer the target's token keeps
+        e["saved"] += harm == -1   # the other way round: the accept rescued a lost answer
         e["delta_risk"] += delta
         (broken if harm == 1 else safe).append(delta)
     accuracy = sum(is_correct(tok.decode(r, skip_special_tokens=True), rows[i]["ground_truth"])
                    for i, r in enumerate(rule.responses)) / len(rows)
     print(f"{len(rows)} problems, non-digit rule accuracy {accuracy:.2%}, {len(items)} accepted mismatches, "
           f"{len(broken)} broke the answer")
-    print(f"{'draft':>8} {'accepts':>8} {'broken':>7} {'rate':>7} {'mean Δrisk':>11}")
+    print(f"{'draft':>8} {'accepts':>8} {'broken':>7} {'rate':>7} {'saved':>6} {'mean Δrisk':>11}")
     table = {}
     for word, e in sorted(by.items(), key=lambda kv: -kv[1]["accepts"]):
         e["delta_risk"] /= e["accepts"]
         table[word] = e
-        print(f"{word:>8} {e['accepts']:8d} {e['broken']:7d} {e['broken'] / e['accepts']:7.2%} {e['delta_risk']:+11.4f}")
-    result = {"problems": len(rows), "accepts": len(items), "broken": len(broken), "by_draft_wording": table}
+        print(f"{word:>8} {e['accepts']:8d} {e['broken']:7d} {e['broken'] / e['accepts']:7.2%} {e['saved']:6d} "
+              f"{e['delta_risk']:+11.4f}")
+    result = {"problems": len(rows), "accuracy": accuracy, "accepts": len(items), "broken": len(broken),
+              "by_draft_wording": table}
     if broken and safe:
         result["auc"] = auc(broken, safe)
         print(f"AUC of Δrisk for 'broke the answer': {result['auc']:.3f}")
