@@ -11,6 +11,7 @@ world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_two_step_grpo_run(first_run):
         # branches ran for the rollouts' decisions and the trainer added their credit
         assert 0 < by_step[step]["spd/credit_branches_per_seq"] <= 2
         assert "spd/credit_decisions" in by_step[step] and "spd/credit_decisive_rate" in by_step[step]
+        # the demo config's soft risk ran: the server's target log-probs reached the credit
+        assert math.isfinite(by_step[step]["spd/credit_soft_term"])
     for step in (0, 2):
         assert all(k in by_step[step] for k in VAL_METRICS), sorted(by_step[step])
     # The actor's recomputed decision log-probs equal the rollout's: ratio 1 before any update.
