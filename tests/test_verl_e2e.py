@@ -1,7 +1,8 @@
 """End to end through ``python -m verl.trainer.main_ppo`` with configs/spd_demo.yaml on the tiny
 world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores):
 
-1. a 2-step GRPO run with per-decision credit (``spd.credit.branches=2``): SPD and credit metrics
+1. a 2-step GRPO run with per-decision credit and its soft risk (``spd.credit.branches=2``,
+   ``soft_coef=1.0``): SPD and credit metrics
    logged (train and validation), rollout log-probs replayed exactly by the actor at step 1, a
    non-zero gradient, a loadable judge export at each checkpoint, verl's synchronous checkpoint
    layout;
@@ -55,7 +56,7 @@ def _fail_message(proc) -> str:
 def first_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=2",
-                                 "spd.credit.branches=2")
+                                 "spd.credit.branches=2", "spd.credit.soft_coef=1.0")
     return out, proc, records
 
 
@@ -73,7 +74,7 @@ def test_two_step_grpo_run(first_run):
         # branches ran for the rollouts' decisions and the trainer added their credit
         assert 0 < by_step[step]["spd/credit_branches_per_seq"] <= 2
         assert "spd/credit_decisions" in by_step[step] and "spd/credit_decisive_rate" in by_step[step]
-        # the demo config's soft risk ran: the server's target log-probs reached the credit
+        # the soft risk ran: the server's target log-probs reached the credit
         assert math.isfinite(by_step[step]["spd/credit_soft_term"])
     for step in (0, 2):
         assert all(k in by_step[step] for k in VAL_METRICS), sorted(by_step[step])
