@@ -2,10 +2,9 @@
 world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores):
 
 1. a 2-step GRPO run with per-decision credit and its soft risk (``spd.credit.branches=2``,
-   ``soft_coef=1.0``): SPD and credit metrics
-   logged (train and validation), rollout log-probs replayed exactly by the actor at step 1, a
-   non-zero gradient, a loadable judge export at each checkpoint, verl's synchronous checkpoint
-   layout;
+   ``spd.credit.soft_coef=1.0``): SPD and credit metrics logged (train and validation), rollout
+   log-probs replayed exactly by the actor at step 1, a non-zero gradient, a loadable judge export
+   at each checkpoint, verl's synchronous checkpoint layout;
 2. a resumed run (lr 0, plain GRPO) continues at step 3 from the step-2 checkpoint with the same judge weights.
 """
 
