@@ -1,0 +1,73 @@
+"""Calibrate every judge a run saved, as spd-train calibrates the last one, and show what each gives.
+
+For each ``CHECKPOINTS/global_step_N/judge``: the two-stage threshold choice of
+``spd_verl.eval.calibrate`` (coarse grid on the val split, fine window on the calib split), then,
+as a diagnostic only, the held-out split at that threshold. Answers "would choosing the training
+step on held-in data help?" (README: Results, session 9). Train with ``trainer.save_freq=10`` to
+have something to choose from.
+
+    python scripts/calibrate_checkpoints.py runs/demo/checkpoints --out runs/demo/checkpoints.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from spd_verl.eval.calibrate import calibrate
+from spd_verl.eval.data import load_eval_judge, load_rows
+from spd_verl.eval.sweep import Rule, evaluate
+from spd_verl.spd import RejectAll, ThresholdPolicy
+from spd_verl.train import CALIBRATION_TOL
+from spd_verl.world import load_world
+
+
+def judges(checkpoints: Path) -> list[tuple[int, Path]]:
+    found = sorted((int(m.group(1)), p / "judge") for p in checkpoints.glob("global_step_*")
+                   if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and (p / "judge" / "config.json").exists())
+    if not found:
+        raise FileNotFoundError(f"no judge export under {checkpoints}/global_step_*/judge")
+    return found
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", type=Path, help="a run's checkpoint directory (trainer.default_local_dir)")
+    ap.add_argument("--gamma", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
+    ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
+    args = ap.parse_args(argv)
+    world = load_world(args.world)
+    kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, eos_token_id=world.eos_token_id, progress=False)
+    val, calib, test = (load_rows(world.split(s)) for s in ("val", "calib", "test"))
+    lossless = evaluate([Rule.fixed("reject_all", RejectAll())], world.draft, world.target, None, world.tokenizer,
+                        test, **kw)[0]
+    print(f"held-out lossless: {100 * lossless['accuracy']:.1f}% / τ {lossless['tau']:.3f}")
+    print("| step | threshold (val + calib) | calib split there | held-out there (diagnostic) |")
+    print("| --- | --- | --- | --- |")
+    records = []
+    for step, path in judges(args.checkpoints):
+        judge = load_eval_judge(path, world.target)
+        pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
+                                       fine_rows=calib, **kw)
+        rec = dict(step=step, judge=str(path), pick=pick, coarse=coarse, fine=fine)
+        if pick is None:
+            print(f"| {step} | none keeps the bar | — | — |")
+        else:
+            held = evaluate([Rule.fixed("judge", ThresholdPolicy(pick["setting"]), pick["setting"])], world.draft,
+                            world.target, judge, world.tokenizer, test, **kw)[0]
+            rec["held_out"] = held
+            print(f"| {step} | {pick['setting']:g} | {100 * pick['accuracy']:.2f}% / {pick['tau']:.3f} | "
+                  f"{100 * held['accuracy']:.1f}% / {held['tau']:.3f} ({held['tau'] / lossless['tau']:.2f}×) |",
+                  flush=True)
+        records.append(rec)
+    if args.out is not None:
+        args.out.write_text(json.dumps(dict(held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The rules of scripts/probe_context_rules.py (README figures, session 9) and the checkpoint
+lookup of scripts/calibrate_checkpoints.py, on the committed demo world."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_verl.eval.data import load_rows, prompt_ids
+from spd_verl.spd import RejectAll, SpeculativeDecoder
+from spd_verl.world import load_world
+from spd_verl.world.oracle import NonDigitRule
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return _script("probe_context_rules")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_world()
+
+
+@pytest.fixture(scope="module")
+def decode(world):
+    rows = load_rows(world.split("val"), 24)
+    prompts = [prompt_ids(world.tokenizer, r["prompt"]) for r in rows]
+    dec = SpeculativeDecoder(world.draft, world.target, num_speculative_tokens=6)
+
+    def run(policy):
+        torch.manual_seed(0)
+        return dec.generate(prompts, policy=policy, max_new_tokens=96, eos_token_id=world.eos_token_id)
+
+    return run
+
+
+def test_uncapped_rule_is_the_non_digit_rule(probe, world, decode):
+    assert decode(probe.CappedNonDigit(world.tokenizer)).responses == decode(NonDigitRule(world.tokenizer)).responses
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_cap_bounds_accepts_per_sequence(probe, world, decode, cap):
+    res = decode(probe.CappedNonDigit(world.tokenizer, cap=cap))
+    accepts = [sum(rec.actions) for rec in res.decisions]
+    assert max(accepts) == cap  # reached by some sequence, exceeded by none
+    free = [sum(rec.actions) for rec in decode(NonDigitRule(world.tokenizer)).decisions]
+    assert sum(accepts) < sum(free)
+
+
+def test_cooldown_spaces_accepts(probe, world, decode):
+    res = decode(probe.CappedNonDigit(world.tokenizer, cooldown=16))
+    for rec in res.decisions:
+        taken = [p for p, a in zip(rec.positions, rec.actions) if a]
+        assert all(b - a > 16 for a, b in zip(taken, taken[1:]))
+    assert any(len([a for a in rec.actions if a]) > 1 for rec in res.decisions)
+
+
+def test_lookahead_bar_bounds(probe, world, decode):
+    loose = decode(probe.LookaheadNonDigit(world.tokenizer, world.target, max_entropy=1e9))
+    assert loose.responses == decode(NonDigitRule(world.tokenizer)).responses
+    strict = decode(probe.LookaheadNonDigit(world.tokenizer, world.target, max_entropy=0.0))
+    assert strict.responses == decode(RejectAll()).responses
+
+
+def test_small_first_sum_reads_the_prefix(probe, world):
+    rule = probe.OperandOrderNonDigit(world.tokenizer)
+    q = "<s> Q : Mia has 8 pens . She buys 4 2 . Then she buys 4 8 . How many pens does she have now ? A :"
+
+    def small_first(answer):
+        return rule.small_first_sum(world.tokenizer.encode(f"{q} {answer}", add_special_tokens=False))
+
+    assert small_first("At first she has 8 . First , she gets 4 2")  # 8 + 42
+    assert not small_first("At first she has 8 . First , she gets 4 2 : 8 + 4 2 = 5 0 . Next , she gets 4 8")
+    assert not small_first("At first she has 8 . First , she loses 4 2")  # a difference, not a sum
+    assert not small_first("At first she has 8 . First")  # no number before the ":"
+
+
+def test_operand_order_rule_rejects_only_colons(probe, world, decode):
+    free = decode(NonDigitRule(world.tokenizer)).decisions
+    ordered = decode(probe.OperandOrderNonDigit(world.tokenizer)).decisions
+    colon = world.tokenizer.convert_tokens_to_ids(":")
+    differ = 0
+    for a, b in zip(free, ordered):
+        # Identical up to the first decision where the rules differ; there the draft offered ":".
+        for d, x, y in zip(a.draft_tokens, a.actions, b.actions):
+            if x != y:
+                assert d == colon and x == 1 and y == 0
+                differ += 1
+                break
+    assert differ  # some ":" in these problems opens a small-first sum
+
+
+def test_calibrate_checkpoints_needs_a_judge(tmp_path):
+    (tmp_path / "global_step_10").mkdir()
+    with pytest.raises(FileNotFoundError, match="no judge export under"):
+        _script("calibrate_checkpoints").judges(tmp_path)
+
+
+def test_equation_errors_by_operand_order(probe):
+    texts = ["At first she has 8 . First , she gets 4 2 : 8 + 4 2 = 4 0 . Next , she loses 3 : 4 0 - 3 = 3 7 .",
+             "First , he finds 3 5 , so 3 5 + 2 2 = 5 7 . So he has 5 7 . #### 57"]
+    assert probe.equation_errors(texts) == {"sum, larger first": [1, 0], "sum, smaller first": [1, 1],
+                                            "difference": [1, 0]}
