@@ -12,6 +12,7 @@ Both start from the non-digit hand rule (accept a mismatch unless a number is in
 Prints accuracy and τ per rule against lossless SD on the same problems (README: Results, session 9).
 
     python scripts/probe_context_rules.py --data spd_verl/assets/world/data/calib.parquet
+    python scripts/probe_context_rules.py --fresh 1000      # the README's table
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from spd_verl.eval.data import load_rows
+from spd_verl.eval.data import load_rows, normalize_row
 from spd_verl.eval.sweep import Rule, evaluate
 from spd_verl.spd import RejectAll
 from spd_verl.spd.policies import DecisionContext, Policy
@@ -170,9 +171,23 @@ class OperandOrderNonDigit(NonDigitRule):
         return ok.to(ctx.draft_tokens.device)
 
 
+def fresh_rows(world, n: int, seed: int) -> list[dict]:
+    """n problems drawn like the world's splits, none of whose questions is in train/val/test/calib."""
+    from spd_verl.world import problems
+    from spd_verl.world.build import to_rows
+
+    held = {r["prompt"][0]["content"] for s in ("train", "val", "test", "calib") for r in load_rows(world.split(s))}
+    drawn = [p for p in problems.generate(n + n // 5 + 100, seed) if p.question not in held][:n]
+    if len(drawn) < n:
+        raise ValueError(f"only {len(drawn)} of {n} fresh problems are disjoint from the world's splits")
+    return [normalize_row(r, i) for i, r in enumerate(to_rows(drawn, "fresh"))]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="verl parquet with prompts and ground truths")
+    ap.add_argument("--data", help="verl parquet with prompts and ground truths")
+    ap.add_argument("--fresh", type=int, help="instead of --data: N fresh problems, disjoint from the world's splits")
+    ap.add_argument("--seed", type=int, default=987654, help="generator seed of --fresh")
     ap.add_argument("--limit", type=int, help="first N problems")
     ap.add_argument("--gamma", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -183,7 +198,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     world = load_world(args.world)
     tok, draft, target = world.tokenizer, world.draft, world.target
-    rows = load_rows(args.data, args.limit)
+    if (args.data is None) == (args.fresh is None):
+        ap.error("give exactly one of --data and --fresh")
+    rows = fresh_rows(world, args.fresh, args.seed) if args.fresh else load_rows(args.data, args.limit)
 
     def rule(make, name):  # a fresh policy per batch: the cap state is per generate call
         return Rule("probe", None, lambda _batch: make(), name)

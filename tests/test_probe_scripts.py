@@ -112,3 +112,11 @@ def test_equation_errors_by_operand_order(probe):
              "First , he finds 3 5 , so 3 5 + 2 2 = 5 7 . So he has 5 7 . #### 57"]
     assert probe.equation_errors(texts) == {"sum, larger first": [1, 0], "sum, smaller first": [1, 1],
                                             "difference": [1, 0]}
+
+
+def test_fresh_rows_are_disjoint_and_deterministic(probe, world):
+    rows = probe.fresh_rows(world, 30, seed=5)
+    assert len(rows) == 30 and rows == probe.fresh_rows(world, 30, seed=5)
+    held = {r["prompt"][0]["content"] for s in ("train", "val", "test", "calib") for r in load_rows(world.split(s))}
+    assert not held & {r["prompt"][0]["content"] for r in rows}
+    assert all(r["ground_truth"].lstrip("-").isdigit() for r in rows)
