@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from spd_verl.eval.calibrate import calibrate
 from spd_verl.eval.data import load_eval_judge, load_rows
 from spd_verl.eval.sweep import Rule, evaluate
 from spd_verl.spd import RejectAll, ThresholdPolicy
-from spd_verl.train import CALIBRATION_TOL
+from spd_verl.train import CALIBRATION_TOL, judge_exports
 from spd_verl.world import load_world
-
-
-def judges(checkpoints: Path) -> list[tuple[int, Path]]:
-    found = sorted((int(m.group(1)), p / "judge") for p in checkpoints.glob("global_step_*")
-                   if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and (p / "judge" / "config.json").exists())
-    if not found:
-        raise FileNotFoundError(f"no judge export under {checkpoints}/global_step_*/judge")
-    return found
 
 
 def main(argv=None):
@@ -49,7 +40,7 @@ def main(argv=None):
     print("| step | threshold (val + calib) | calib split there | held-out there (diagnostic) |")
     print("| --- | --- | --- | --- |")
     records = []
-    for step, path in judges(args.checkpoints):
+    for step, path in judge_exports(args.checkpoints):
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
                                        fine_rows=calib, **kw)

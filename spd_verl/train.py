@@ -37,13 +37,18 @@ def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[
             "--config-name", config_name, f"trainer.default_local_dir={out / 'checkpoints'}", *overrides]
 
 
-def latest_judge(checkpoints: Path) -> Path:
-    steps = sorted((int(m.group(1)), p) for p in checkpoints.glob("global_step_*")
+def judge_exports(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, judge dir) of every ``global_step_N/judge`` export under ``checkpoints``, by step."""
+    steps = sorted((int(m.group(1)), p / "judge") for p in Path(checkpoints).glob("global_step_*")
                    if (m := re.fullmatch(r"global_step_(\d+)", p.name)) and (p / "judge" / "config.json").exists())
     if not steps:
         raise FileNotFoundError(f"no judge export under {checkpoints}/global_step_*/judge: did training save a "
                                 f"checkpoint (trainer.save_freq)?")
-    return steps[-1][1] / "judge"
+    return steps
+
+
+def latest_judge(checkpoints: Path) -> Path:
+    return judge_exports(checkpoints)[-1][1]
 
 
 def compose(config_name: str, overrides: list[str]):

@@ -1,5 +1,5 @@
-"""The rules of scripts/probe_context_rules.py (README figures, session 9) and the checkpoint
-lookup of scripts/calibrate_checkpoints.py, on the committed demo world."""
+"""The rules of scripts/probe_context_rules.py (README figures, session 9), on the committed demo
+world, and the checkpoint lookup scripts/calibrate_checkpoints.py shares with spd-train."""
 
 import importlib.util
 from pathlib import Path
@@ -101,10 +101,18 @@ def test_operand_order_rule_rejects_only_colons(probe, world, decode):
     assert differ  # some ":" in these problems opens a small-first sum
 
 
-def test_calibrate_checkpoints_needs_a_judge(tmp_path):
+def test_judge_exports_in_step_order(tmp_path):
+    from spd_verl.train import judge_exports, latest_judge
+
     (tmp_path / "global_step_10").mkdir()
     with pytest.raises(FileNotFoundError, match="no judge export under"):
-        _script("calibrate_checkpoints").judges(tmp_path)
+        judge_exports(tmp_path)
+    for step in (10, 2, 30):
+        (tmp_path / f"global_step_{step}" / "judge").mkdir(parents=True)
+        (tmp_path / f"global_step_{step}" / "judge" / "config.json").write_text("{}")
+    (tmp_path / "global_step_40").mkdir()  # saved without an export: not a judge
+    assert [s for s, _ in judge_exports(tmp_path)] == [2, 10, 30]
+    assert latest_judge(tmp_path) == tmp_path / "global_step_30" / "judge"
 
 
 def test_equation_errors_by_operand_order(probe):
