@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from spd_verl.reward import RewardConfig
 from spd_verl.verl_ext.credit import (UNCERTAIN_FLOOR, Continuation, CreditConfig, add_credit, branch_points,
+                                      center_soft_terms,
                                       credit_config_from, decision_credit, number_token_ids, soft_risk,
                                       uncertainty_weights)
 
@@ -162,6 +163,39 @@ def test_decision_credit_soft_risk():
     assert _credit(generate, [5, 10, 1, 2], records, soft_terms=terms) == {0: 0.0} and terms == {}
     with pytest.raises(ValueError, match="soft_coef > 0 needs the rollout's target log-probs"):
         _credit(generate, [5, 10, 1, 2], records, soft_coef=1.0, number_ids=digits)
+    # soft_center: the term is reported but left out of δ (the trainer adds it, centred)
+    terms.clear()
+    got = _credit(generate, [5, 10, 1, 2], records, kind="correct_only", soft_coef=2.0, number_ids=digits,
+                  response_target_logprobs=[-3.0, 0.0, math.log(0.5), math.log(0.9)], soft_terms=terms,
+                  soft_in_delta=False)
+    assert got == {0: 0.0} and terms[0] == pytest.approx(-1.2)
+
+
+def test_center_soft_terms():
+    # Δ (accept − reject risk) of three branched decisions: 0.3 (accepted), 0.1 (rejected),
+    # 0.2 (accepted); Δ̄ = 0.2. Term = -c·s·Δ with s = +1 accept / -1 reject, c = 2.
+    c = 2.0
+    actions = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    branched = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    delta = torch.tensor([0.3, 0.1, 0.0, 0.2])
+    sign = 2 * actions - 1
+    terms = -c * sign * delta * branched
+    out, mean = center_soft_terms(terms, actions, branched, c)
+    assert mean == pytest.approx(0.2)
+    # centred: -c·s·(Δ − Δ̄): the riskier-than-average accept is pushed towards reject (-0.2), the
+    # rejection of a safer-than-average wording towards accept (-0.2 for the reject), the average
+    # accept not at all, the unbranched decision not at all
+    assert out.tolist() == pytest.approx([-0.2, -0.2, 0.0, 0.0])
+    # a decision as risky as the average accept gets no soft push either way; the plain term pushed
+    # every one of them towards reject
+    assert (terms * sign)[branched.bool()].lt(0).all()
+    assert center_soft_terms(terms, actions, torch.zeros(4), c) == (pytest.approx(torch.zeros(4)), 0.0)
+    with pytest.raises(ValueError, match="must be one flat shape"):
+        center_soft_terms(terms, actions[:3], branched, c)
+    with pytest.raises(ValueError, match="spd.credit.soft_center needs spd.credit.soft_coef > 0"):
+        CreditConfig(branches=2, soft_center=True)
+    with pytest.raises(ValueError, match="spd.credit.soft_center must be true or false"):
+        CreditConfig(branches=2, soft_coef=1.0, soft_center="yes")
 
 
 def test_add_credit():
@@ -253,6 +287,24 @@ def test_trainer_adds_credit_to_verl_advantage(monkeypatch):
     trainer.config = OmegaConf.create({"spd": {"credit": {"branches": 0}}})
     written.clear()
     assert trainer._compute_advantage(batch, {}) is batch and not written
+
+    # soft_center: the soft terms are centred over the batch's branched real decisions, then added.
+    # Branched: row 0 pos 0 (accepted, Δ 0.4), row 1 pos 1 (rejected, Δ 0.0); row 0 pos 1 is
+    # marked branched but masked out (a padding copy), so it must not move Δ̄ = 0.2.
+    store.update({
+        "spd_credit": nested([torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 0.0])]),
+        "spd_credit_soft": nested([torch.tensor([-0.4, -9.0, 0.0]), torch.tensor([0.0, 0.0])]),
+        "spd_credit_branched": nested([torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0])]),
+        "spd_actions": nested([torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0])]),
+    })
+    trainer.config = OmegaConf.create({"spd": {"credit": {"branches": 2, "coef": 1.0, "soft_coef": 1.0,
+                                                          "soft_center": True}}})
+    metrics = {}
+    trainer._compute_advantage(batch, metrics)
+    rows = [r.tolist() for r in written["fields"]["advantages"].unbind(0)]
+    assert metrics["spd/credit_soft_mean_delta"] == pytest.approx(0.2)
+    # row 0 pos 0: -(0.4 - 0.2) = -0.2; row 1 pos 1 (reject): +(0.0 - 0.2) = -0.2
+    assert rows[0] == pytest.approx([0.5 - 0.2, 0.5, 0.5]) and rows[1] == pytest.approx([-1.0, -1.2])
 
 
 def test_trainer_replay_buffer_polls_fast():

@@ -2,7 +2,7 @@
 world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores):
 
 1. a 2-step GRPO run with per-decision credit and its soft risk (``spd.credit.branches=2``,
-   ``spd.credit.soft_coef=1.0``): SPD and credit metrics logged (train and validation), rollout
+   ``spd.credit.soft_coef=1.0``, centred): SPD and credit metrics logged (train and validation), rollout
    log-probs replayed exactly by the actor at step 1, a non-zero gradient, a loadable judge export
    at each checkpoint, verl's synchronous checkpoint layout;
 2. a resumed run (lr 0, plain GRPO) continues at step 3 from the step-2 checkpoint with the same judge weights.
@@ -55,7 +55,7 @@ def _fail_message(proc) -> str:
 def first_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=2", "trainer.test_freq=2",
-                                 "spd.credit.branches=2", "spd.credit.soft_coef=1.0")
+                                 "spd.credit.branches=2", "spd.credit.soft_coef=1.0", "spd.credit.soft_center=true")
     return out, proc, records
 
 
@@ -75,6 +75,8 @@ def test_two_step_grpo_run(first_run):
         assert "spd/credit_decisions" in by_step[step] and "spd/credit_decisive_rate" in by_step[step]
         # the soft risk ran: the server's target log-probs reached the credit
         assert math.isfinite(by_step[step]["spd/credit_soft_term"])
+        # ... and the trainer centred it over the batch (soft_center)
+        assert math.isfinite(by_step[step]["spd/credit_soft_mean_delta"])
     for step in (0, 2):
         assert all(k in by_step[step] for k in VAL_METRICS), sorted(by_step[step])
     # The actor's recomputed decision log-probs equal the rollout's: ratio 1 before any update.

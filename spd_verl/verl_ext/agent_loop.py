@@ -10,7 +10,9 @@ position, so the output carries (DESIGN.md §4, aligned with ``responses``):
   ``spd_features`` tensors that reach the actor engine (``engine.SPDScoringEngine``);
 - per-sequence SPD statistics in ``extra_fields`` (reward manager and metrics);
 - with ``spd.credit.branches`` > 0, on training rollouts, ``spd_credit``: the per-decision credit δ
-  of ``credit.py`` at the branched decisions (0 elsewhere), which the trainer adds to the advantage.
+  of ``credit.py`` at the branched decisions (0 elsewhere), which the trainer adds to the advantage;
+  with ``spd.credit.soft_center`` also ``spd_credit_soft`` (the soft terms, left out of δ) and
+  ``spd_credit_branched`` (1 at the branched decisions), which the trainer centres over the batch.
 
 Works with the V1 trainer (TransferQueue path), whose agent-loop worker stores ``as_dict()``.
 """
@@ -28,7 +30,8 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 
 from ..spd.policies import NUM_FEATURES
 from .credit import Continuation, credit_config_from, decision_credit, number_token_ids
-from .keys import CREDIT_KEY, DECISIONS_KEY, SIDE_FIELDS, TARGET_LOGPROBS_KEY
+from .keys import (CREDIT_BRANCHED_KEY, CREDIT_KEY, CREDIT_SOFT_KEY, DECISIONS_KEY, SIDE_FIELDS,
+                   TARGET_LOGPROBS_KEY)
 from .reward_manager import reward_config_from
 
 AGENT_NAME = "spd_agent"
@@ -43,11 +46,13 @@ class SPDAgentLoopOutput(AgentLoopOutput):
     spd_old_logits: Optional[list[float]] = None
     spd_features: Optional[list[list[float]]] = None
     spd_credit: Optional[list[float]] = None
+    spd_credit_soft: Optional[list[float]] = None
+    spd_credit_branched: Optional[list[float]] = None
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
         dtypes = dict(spd_draft_tokens=torch.int64, spd_target_tokens=torch.int64)
-        for key in (*SIDE_FIELDS, CREDIT_KEY):
+        for key in (*SIDE_FIELDS, CREDIT_KEY, CREDIT_SOFT_KEY, CREDIT_BRANCHED_KEY):
             value = output.pop(key, None)
             if value is not None:
                 output[key] = torch.tensor(value, dtype=dtypes.get(key, torch.float32))
@@ -100,10 +105,14 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             credit = await self._decision_credit(output, records, kwargs, target_logprobs, soft_terms)
             if credit is not None:
                 fields[CREDIT_KEY] = [float(credit.get(p, 0.0)) for p in range(length)]
+                centre = credit_config_from(self.config).soft_center
+                if centre:  # the soft terms stay out of δ; the trainer centres and adds them
+                    fields[CREDIT_SOFT_KEY] = [float(soft_terms.get(p, 0.0)) for p in range(length)]
+                    fields[CREDIT_BRANCHED_KEY] = [float(p in credit) for p in range(length)]
                 extra["spd_branches"] = len(credit)
                 # answer-deciding: the two branches differ by a correct answer (or the length penalty)
                 extra["spd_branch_decisive"] = sum(1 for p, v in credit.items()
-                                                   if abs(v - soft_terms.get(p, 0.0)) >= 0.5)
+                                                   if abs(v - (0.0 if centre else soft_terms.get(p, 0.0))) >= 0.5)
                 if soft_terms:
                     extra["spd_branch_soft"] = sum(soft_terms.values())
         data = output.model_dump(exclude={"response_mask", "extra_fields"})
@@ -134,7 +143,7 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             branches=cfg.branches, rng=rng, reward_cfg=reward_config_from(self.config),
             gamma=self.rollout_config.num_speculative_tokens, pick=cfg.pick, soft_coef=cfg.soft_coef,
             number_ids=self._number_ids() if cfg.soft_coef else frozenset(),
-            response_target_logprobs=target_logprobs, soft_terms=soft_terms)
+            response_target_logprobs=target_logprobs, soft_terms=soft_terms, soft_in_delta=not cfg.soft_center)
 
     def _number_ids(self) -> frozenset[int]:
         if getattr(self, "_number_ids_cache", None) is None:

@@ -34,6 +34,13 @@ A wording that makes the target less sure of its own arithmetic is penalised eve
 survives this time. Measured on 1,927 accepted wordings of the demo world: risk rises most after
 the draft's ":" and "gets", the two wordings whose accepts most often broke answers, and it ranks the
 accepts that did break one above the rest with AUC 0.78 (README: Per-decision credit).
+
+Accepting draft wording raises the risk *on average* (by about as much as the acceptance bonus
+α/M at soft_coef 1), so the plain soft term also pushes every decision towards reject: runs with it
+mostly retreated. With ``soft_center`` the trainer subtracts the batch's mean difference
+Δ̄ = mean(risk(accept) − risk(reject)) over the branched decisions before the term joins δ
+(``center_soft_terms``): the soft risk then only ranks decisions, riskier than the average
+accept or less so, and the trade between accuracy and accepts stays the reward's.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ class CreditConfig:
     soft_coef: float = field(default=0.0, metadata={"help": "weight of the soft risk: δ −= soft_coef · (risk(taken) "
                                                             "− risk(flipped)), risk = Σ (1 − p_target) over the number "
                                                             "tokens of a branch's lossless continuation; 0 = off"})
+    soft_center: bool = field(default=False, metadata={"help": "subtract the batch's mean soft-risk difference "
+                                                              "(accept − reject) first, so the soft risk ranks "
+                                                              "decisions without pushing all of them towards reject"})
 
     def __post_init__(self):
         if isinstance(self.branches, bool) or not isinstance(self.branches, int) or self.branches < 0:
@@ -81,6 +91,10 @@ class CreditConfig:
             raise ValueError(f"spd.credit.pick must be one of {CREDIT_PICKS}, got {self.pick!r}")
         if isinstance(self.soft_coef, bool) or not isinstance(self.soft_coef, (int, float)) or not self.soft_coef >= 0:
             raise ValueError(f"spd.credit.soft_coef must be a number >= 0, got {self.soft_coef!r}")
+        if not isinstance(self.soft_center, bool):
+            raise ValueError(f"spd.credit.soft_center must be true or false, got {self.soft_center!r}")
+        if self.soft_center and not self.soft_coef:
+            raise ValueError("spd.credit.soft_center needs spd.credit.soft_coef > 0 (there is no soft risk to centre)")
 
 
 def credit_config_from(config) -> CreditConfig:
@@ -148,13 +162,14 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
                           rng: random.Random, reward_cfg: RewardConfig, gamma: int | None = None,
                           pick: str = "uniform", soft_coef: float = 0.0, number_ids: frozenset[int] = frozenset(),
                           response_target_logprobs: list[float] | None = None,
-                          soft_terms: dict | None = None) -> dict[int, float]:
+                          soft_terms: dict | None = None, soft_in_delta: bool = True) -> dict[int, float]:
     """δ for ``branches`` decisions of one rollout: {response position: δ}.
 
     ``generate(prompt_ids, sampling_params) -> Continuation`` is one server request; all requests
     (at most 2·branches) are issued at once so the server batches them. With ``soft_coef`` > 0,
     δ includes the soft-risk term (module docstring), which is also written to ``soft_terms``
     {position: term} when given; it needs the continuations' and the rollout's target log-probs.
+    ``soft_in_delta=False`` (soft_center) leaves the term out of δ: the trainer adds it, centred.
     """
     if reward_cfg.kind == "tau_bonus":
         raise ValueError("spd.credit needs reward kind 'gated' or 'correct_only': a branch's target forwards "
@@ -210,10 +225,33 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
     for k, j in enumerate(chosen):
         (r_taken, risk_taken), (r_other, risk_other) = values[2 * k], values[2 * k + 1]
         term = -soft_coef * (risk_taken - risk_other)
-        out[positions[j]] = r_taken - r_other + term
+        out[positions[j]] = r_taken - r_other + (term if soft_in_delta else 0.0)
         if soft_terms is not None and soft:
             soft_terms[positions[j]] = term
     return out
+
+
+def center_soft_terms(terms: torch.Tensor, actions: torch.Tensor, branched: torch.Tensor,
+                      soft_coef: float) -> tuple[torch.Tensor, float]:
+    """Soft terms with the batch's mean risk difference taken out (``spd.credit.soft_center``).
+
+    terms, actions, branched: [N] over every decision of a batch (flattened); ``terms`` holds
+    ``-soft_coef · s · Δ`` at the branched decisions, with s = +1 for an accept and -1 for a reject
+    and Δ = risk(accept branch) − risk(reject branch). Returns (``-soft_coef · s · (Δ − Δ̄)`` at the
+    branched decisions and 0 elsewhere, Δ̄); Δ̄ is 0 when nothing was branched.
+    """
+    if not (terms.shape == actions.shape == branched.shape) or terms.dim() != 1:
+        raise ValueError(f"terms {tuple(terms.shape)}, actions {tuple(actions.shape)} and branched "
+                         f"{tuple(branched.shape)} must be one flat shape")
+    if not soft_coef > 0:
+        raise ValueError(f"soft_coef must be > 0 to centre soft terms, got {soft_coef!r}")
+    b = branched.bool()
+    sign = 2.0 * actions.to(terms.dtype) - 1.0
+    if not b.any():
+        return torch.zeros_like(terms), 0.0
+    delta = -terms * sign / soft_coef
+    mean = float(delta[b].mean())
+    return torch.where(b, terms + soft_coef * sign * mean, torch.zeros_like(terms)), mean
 
 
 def add_credit(advantages: torch.Tensor, credit: torch.Tensor, mask: torch.Tensor, coef: float,

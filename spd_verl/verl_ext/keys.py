@@ -11,5 +11,8 @@ SIDE_FIELDS = ("spd_draft_tokens", "spd_target_tokens", "spd_actions", "spd_old_
 POLICY_PARAM = "spd_policy"
 # Per-position credit the agent loop adds next to the side fields (0 where no branch was run).
 CREDIT_KEY = "spd_credit"
+# With spd.credit.soft_center: the soft term (uncentred) and a 1 at every branched decision.
+CREDIT_SOFT_KEY = "spd_credit_soft"
+CREDIT_BRANCHED_KEY = "spd_credit_branched"
 # Target log-prob of every response token (server extra_fields; the agent loop pops it).
 TARGET_LOGPROBS_KEY = "spd_target_logprobs"

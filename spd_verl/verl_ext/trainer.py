@@ -27,9 +27,9 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
 
-from .credit import add_credit, credit_config_from
+from .credit import add_credit, center_soft_terms, credit_config_from
 from .engine import fit_to_length
-from .keys import CREDIT_KEY
+from .keys import CREDIT_BRANCHED_KEY, CREDIT_KEY, CREDIT_SOFT_KEY
 from .metrics import rows_from_extra_fields, rows_from_reward_infos, spd_summary
 
 logger = logging.getLogger(__name__)
@@ -94,18 +94,38 @@ class SPDRayTrainer(PPOTrainerSync):
         cfg = credit_config_from(self.config)
         if not cfg.branches:
             return batch
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=["advantages", "response_mask", CREDIT_KEY])
+        fields = ["advantages", "response_mask", CREDIT_KEY]
+        if cfg.soft_center:
+            fields += [CREDIT_SOFT_KEY, CREDIT_BRANCHED_KEY, "spd_actions"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        advs = data["advantages"].unbind(0)
+        # verl's padding samples have 1-token responses: every per-position field is fitted to them
+        per_row = {k: [fit_to_length(t, a.shape[0]) for t, a in zip(data[k].unbind(0), advs, strict=True)]
+                   for k in fields[2:]}
+        masks = data["response_mask"].unbind(0)
+        credits = per_row[CREDIT_KEY]
+        if cfg.soft_center:
+            credits = self._centre_soft(credits, masks, per_row, cfg.soft_coef, metrics)
         rows, decisive = [], 0
-        for adv, mask, credit in zip(data["advantages"].unbind(0), data["response_mask"].unbind(0),
-                                     data[CREDIT_KEY].unbind(0), strict=True):
-            credit = fit_to_length(credit, adv.shape[0])  # verl's padding samples: 1-token responses
+        for adv, mask, credit in zip(advs, masks, credits, strict=True):
             rows.append(add_credit(adv, credit, mask, cfg.coef, only=cfg.mode == "only"))
             decisive += int(((credit != 0) & (mask != 0)).sum())
         metrics["spd/credit_decisions"] = decisive  # decisions whose advantage the credit moved
         out = TensorDict({"advantages": torch.nested.as_nested_tensor(rows, layout=torch.jagged)},
                          batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+
+    @staticmethod
+    def _centre_soft(credits, masks, per_row, soft_coef, metrics):
+        """credits + the batch-centred soft terms (credit.center_soft_terms), row by row. Only real
+        decisions count: a padding sample copies a real one's side tensors under a zero mask."""
+        lengths = [c.shape[0] for c in credits]
+        flat = {k: torch.cat([t.float() for t in per_row[k]]) for k in (CREDIT_SOFT_KEY, CREDIT_BRANCHED_KEY,
+                                                                         "spd_actions")}
+        branched = flat[CREDIT_BRANCHED_KEY] * torch.cat([m.float() for m in masks])
+        terms, mean = center_soft_terms(flat[CREDIT_SOFT_KEY], flat["spd_actions"], branched, soft_coef)
+        metrics["spd/credit_soft_mean_delta"] = mean  # Δ̄: how much riskier an accept was, on average
+        return [c + t.to(c.dtype) for c, t in zip(credits, terms.split(lengths), strict=True)]
 
     # ------------------------------------------------------------------ metrics
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
