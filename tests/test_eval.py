@@ -492,6 +492,45 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
         held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=world["data"])
 
 
+def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
+    """Run Q's shape: on val, 0.3-0.5 tie (a plateau) and the window centres on 0.3; on the larger set
+    nothing from 0.2 to 0.4 keeps the bar. The grid above the window is tried in order until a
+    threshold keeps it (0.6 here), and nothing above that is decoded."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate
+
+    # (accuracy, τ, accepted mismatches) per threshold, on val and on the larger set
+    val = {0.2: (0.96, 5.4, 9), 0.3: (0.987, 5.0, 8), 0.4: (0.987, 5.0, 8), 0.5: (0.987, 5.0, 8),
+           0.6: (0.993, 4.9, 7), 0.7: (0.993, 3.8, 0)}
+    big = {0.2: (0.958, 5.4, 9), 0.25: (0.97, 4.9, 8), 0.3: (0.97, 4.85, 8), 0.35: (0.97, 4.85, 8),
+           0.4: (0.97, 4.85, 8), 0.5: (0.97, 4.85, 8), 0.6: (0.98, 4.8, 7), 0.7: (0.985, 3.7, 0)}
+    decoded = []
+
+    def fake(rules, draft, target, judge, tok, rows, **kw):
+        table, lossless = (val, (0.993, 3.8)) if rows == "val" else (big, (0.985, 3.7))
+        decoded.append((rows, rules[0].name))
+        rule = rules[0]
+        if rule.name == "reject_all":
+            return [dict(rule="reject_all", setting=None, name="reject_all", accuracy=lossless[0], tau=lossless[1],
+                         accepted_mismatches=0)]
+        acc, tau, accepted = table[rule.setting]
+        return [dict(rule="judge", setting=rule.setting, name=rule.name, accuracy=acc, tau=tau,
+                     accepted_mismatches=accepted)]
+
+    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    pick, coarse, fine = calibrate(None, None, object(), None, "val", grid=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+                                   fine_rows="big", fine_points=5)
+    assert [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6]
+    assert pick["setting"] == 0.6 and pick["accuracy"] == 0.98
+    assert ("big", "judge@0.7") not in decoded
+    # without a walk the bar is still kept when the window holds a passing threshold
+    big[0.4] = (0.976, 4.85, 8)
+    decoded.clear()
+    pick, _, fine = calibrate(None, None, object(), None, "val", grid=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+                              fine_rows="big", fine_points=5)
+    assert pick["setting"] == 0.4 and [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4]
+
+
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
     calib = write_rows(tmp_path / "calib.parquet", 3)
     assert main(cli_args(world, tmp_path / "a", extra=["--calibrate-fine", str(calib)])) == 2

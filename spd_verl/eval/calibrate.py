@@ -14,6 +14,7 @@ or, with a larger calibration set (``fine_rows``; the demo world's calib split, 
 
     window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
+    # none keeps the bar there: the grid's thresholds above the window, one at a time, until one does
 
 150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
 pick made on them alone is noisy; the fine stage makes it on 400 more (README, Results, for how
@@ -138,7 +139,8 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
 
     Without ``fine_rows``: refine once between the pick and the next lower threshold, on ``rows``.
     With ``fine_rows`` (a larger calibration set): sweep reject_all and :func:`fine_window` around
-    the coarse pick on them instead, and pick there.
+    the coarse pick on them instead, and pick there; if no threshold of the window keeps the bar,
+    the ``grid`` thresholds above it are added one at a time until one does (or the grid ends).
 
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
@@ -168,6 +170,14 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     pick = pick_threshold(coarse, tol)
     if fine_rows is not None:
         fine = run(fine_window(coarse, pick, fine_points), fine_rows, [], baseline=True)
+        # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
+        # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
+        # take the first threshold that keeps it; one that accepts nothing always does (lossless).
+        top = max(r["setting"] for r in _judge_rows(fine))
+        for t in (t for t in sorted(grid) if t > top):
+            if pick_threshold(fine, tol) is not None:
+                break
+            run([t], fine_rows, fine)
         return pick_threshold(fine, tol), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
