@@ -26,11 +26,21 @@ from spd_verl.world import load_world
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", type=Path, help="a run's checkpoint directory (trainer.default_local_dir)")
-    ap.add_argument("--gamma", type=int, default=6)
+    ap.add_argument("--gamma", type=int, default=6, help="num_speculative_tokens of every decode (README session 10: "
+                    "a judge trained at 6 can be calibrated and evaluated at 8)")
+    ap.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")],
+                    help="comma-separated steps to calibrate (default: every saved judge)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
+    exports = judge_exports(args.checkpoints)
+    if args.steps is not None:
+        missing = sorted(set(args.steps) - {step for step, _ in exports})
+        if missing:
+            raise SystemExit(f"--steps {missing}: no judge export for those steps under {args.checkpoints} "
+                             f"(saved: {[step for step, _ in exports]})")
+        exports = [(step, path) for step, path in exports if step in args.steps]
     world = load_world(args.world)
     kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, eos_token_id=world.eos_token_id, progress=False)
     val, calib, test = (load_rows(world.split(s)) for s in ("val", "calib", "test"))
@@ -40,7 +50,7 @@ def main(argv=None):
     print("| step | threshold (val + calib) | calib split there | held-out there (diagnostic) |")
     print("| --- | --- | --- | --- |")
     records = []
-    for step, path in judge_exports(args.checkpoints):
+    for step, path in exports:
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
                                        fine_rows=calib, **kw)
@@ -56,7 +66,7 @@ def main(argv=None):
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 
 
