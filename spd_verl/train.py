@@ -69,6 +69,21 @@ def _val_file(cfg) -> Path:
     return Path(files[0])
 
 
+def eval_gamma(cfg) -> int:
+    """γ of the held-out evaluation and its calibration: ``spd.eval.num_speculative_tokens``, or
+    the rollout's when that is null. A judge scores one mismatch from its context, so it can be
+    trained at one γ and deployed at another (README: Results, sessions 10–12)."""
+    from omegaconf import OmegaConf
+
+    gamma = OmegaConf.select(cfg, "spd.eval.num_speculative_tokens", default=None)
+    if gamma is None:
+        return cfg.actor_rollout_ref.rollout.num_speculative_tokens
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"spd.eval.num_speculative_tokens must be an integer >= 1 or null (the rollout's), "
+                         f"got {gamma!r}")
+    return gamma
+
+
 def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Path | None:
     """``calib.parquet`` beside the calibration file, when there is one (and it is not the test set)."""
     if calibration_file is None:
@@ -92,14 +107,15 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     from spd_verl.spd import RejectAll, ThresholdPolicy
 
     ro = cfg.actor_rollout_ref.rollout
+    gamma = eval_gamma(cfg)
     draft = load_causal_lm(ro.draft_model_path, "draft")
     target = load_causal_lm(ro.target_model_path, "target")
     tokenizer = load_tokenizer(ro.target_model_path)
     judge = load_eval_judge(judge_dir, target)
-    kw = dict(gamma=ro.num_speculative_tokens, max_new_tokens=cfg.data.max_response_length,
+    kw = dict(gamma=gamma, max_new_tokens=cfg.data.max_response_length,
               eos_token_id=eos_token_id(tokenizer, target))
     thresholds = [ro.score_threshold]
-    record = {"judge": str(judge_dir), "test_file": str(test_file), "calibration_file": None}
+    record = {"judge": str(judge_dir), "test_file": str(test_file), "gamma": gamma, "calibration_file": None}
     if calibration_file is not None:
         for path in (calibration_file, fine_file):
             if path is not None and path.resolve() == Path(test_file).resolve():
@@ -121,7 +137,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     for i, (r, t) in enumerate(zip(rows[1:], thresholds)):
         tag = f" (chosen on {(fine_file or calibration_file).name})" if i else ""
         parts.append(f"judge@{t:g}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
-    print(f"held-out ({base['n']} problems): " + " | ".join(parts))
+    print(f"held-out ({base['n']} problems, γ {gamma}): " + " | ".join(parts))
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps({**record, "held_out": rows}, indent=1, default=str))
@@ -151,6 +167,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
     cmd = main_ppo_command(args.config_name, out, overrides)
+    if not args.no_eval:
+        eval_gamma(compose(args.config_name, overrides))  # a bad eval setting fails now, not after training
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)

@@ -409,7 +409,7 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
     rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val)
     out = capsys.readouterr().out
     assert rows[0]["rule"] == "reject_all" and rows[1]["name"] == "judge@0.5"
-    assert f"calibration on {val}" in out and "held-out (6 problems): reject_all acc" in out
+    assert f"calibration on {val}" in out and "held-out (6 problems, γ 3): reject_all acc" in out
     if len(rows) == 3:  # the calibrated threshold differs from 0.5
         assert f"judge@{rows[2]['setting']:g} (chosen on val.parquet) acc" in out
     else:
@@ -417,6 +417,46 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
     cfg.data.val_files = ["a.parquet", "b.parquet"]
     with pytest.raises(ValueError, match="data.val_files has 2: pass --calibration-file"):
         _val_file(cfg)
+
+
+def test_held_out_eval_at_another_gamma(world, tmp_path, capsys):
+    """spd.eval.num_speculative_tokens sets the γ of the held-out evaluation (and its calibration),
+    independently of the rollout's; a bad value names the key before anything is decoded."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.eval.data import eos_token_id, load_rows
+    from spd_verl.eval.sweep import Rule, evaluate
+    from spd_verl.spd import RejectAll
+    from spd_verl.train import eval_gamma, held_out_eval
+
+    r = world["root"]
+    cfg = OmegaConf.create(dict(
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+                                            score_threshold=0.5, num_speculative_tokens=3)),
+        data=dict(max_response_length=12), spd=dict(eval=dict(num_speculative_tokens=None))))
+    assert eval_gamma(cfg) == 3
+    cfg.spd.eval.num_speculative_tokens = 5
+    rows = held_out_eval(cfg, r / "judge", world["data"], None, out_json=tmp_path / "h.json")
+    kw = dict(max_new_tokens=12, eos_token_id=eos_token_id(world["tokenizer"], world["target"]), progress=False)
+    at = {g: evaluate([Rule.fixed("reject_all", RejectAll())], world["draft"], world["target"], None,
+                      world["tokenizer"], load_rows(world["data"]), gamma=g, **kw)[0]["tau"] for g in (3, 5)}
+    assert at[3] != at[5]  # the check below can tell the two γ apart
+    assert rows[0]["tau"] == pytest.approx(at[5])
+    assert "γ 5" in capsys.readouterr().out and json.loads((tmp_path / "h.json").read_text())["gamma"] == 5
+    for bad in (0, 2.5, "8", True):
+        cfg.spd.eval.num_speculative_tokens = bad
+        with pytest.raises(ValueError, match="spd.eval.num_speculative_tokens must be an integer >= 1"):
+            held_out_eval(cfg, r / "judge", world["data"], None)
+
+
+def test_spd_train_rejects_a_bad_eval_gamma_before_training(tmp_path, monkeypatch):
+    import subprocess
+
+    from spd_verl import train
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("main_ppo started"))
+    with pytest.raises(ValueError, match=r"spd.eval.num_speculative_tokens must be an integer >= 1 .* got 0"):
+        train.main(["--out", str(tmp_path), "spd.eval.num_speculative_tokens=0"])
 
 
 def test_fine_window():
