@@ -430,15 +430,16 @@ def test_held_out_eval_at_another_gamma(world, tmp_path, capsys):
     from spd_verl.train import eval_gamma, held_out_eval
 
     r = world["root"]
+    # the target as its own draft: every token is accepted, so τ grows with γ
     cfg = OmegaConf.create(dict(
-        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "target"), target_model_path=str(r / "target"),
                                             score_threshold=0.5, num_speculative_tokens=3)),
         data=dict(max_response_length=12), spd=dict(eval=dict(num_speculative_tokens=None))))
     assert eval_gamma(cfg) == 3
     cfg.spd.eval.num_speculative_tokens = 5
     rows = held_out_eval(cfg, r / "judge", world["data"], None, out_json=tmp_path / "h.json")
     kw = dict(max_new_tokens=12, eos_token_id=eos_token_id(world["tokenizer"], world["target"]), progress=False)
-    at = {g: evaluate([Rule.fixed("reject_all", RejectAll())], world["draft"], world["target"], None,
+    at = {g: evaluate([Rule.fixed("reject_all", RejectAll())], world["target"], world["target"], None,
                       world["tokenizer"], load_rows(world["data"]), gamma=g, **kw)[0]["tau"] for g in (3, 5)}
     assert at[3] != at[5]  # the check below can tell the two γ apart
     assert rows[0]["tau"] == pytest.approx(at[5])
