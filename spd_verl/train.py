@@ -75,12 +75,12 @@ def eval_gamma(cfg) -> int:
     trained at one γ and deployed at another (README: Results, sessions 10–12)."""
     from omegaconf import OmegaConf
 
+    from spd_verl.verl_ext.config import check_int_at_least_1
+
     gamma = OmegaConf.select(cfg, "spd.eval.num_speculative_tokens", default=None)
     if gamma is None:
         return cfg.actor_rollout_ref.rollout.num_speculative_tokens
-    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"spd.eval.num_speculative_tokens must be an integer >= 1 or null (the rollout's), "
-                         f"got {gamma!r}")
+    check_int_at_least_1(gamma, "spd.eval.num_speculative_tokens", nullable=True)
     return gamma
 
 
@@ -167,8 +167,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
     cmd = main_ppo_command(args.config_name, out, overrides)
-    if not args.no_eval:
-        eval_gamma(compose(args.config_name, overrides))  # a bad eval setting fails now, not after training
+    cfg = None if args.no_eval else compose(args.config_name, overrides)
+    if cfg is not None:
+        eval_gamma(cfg)  # a bad eval setting fails now, not after training
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)
@@ -176,7 +177,6 @@ def main(argv=None) -> int:
     if rc != 0 or args.no_eval:
         return rc
     judge_dir = latest_judge(out / "checkpoints")
-    cfg = compose(args.config_name, overrides)
     test_file = args.test_file
     if test_file is None:
         from spd_verl.world import WORLD_DIR

@@ -52,11 +52,17 @@ class SPDRolloutConfig(RolloutConfig):
         validate_spd_settings(self)
 
 
+def check_int_at_least_1(value, key: str, nullable: bool = False) -> None:
+    """``value`` is an int >= 1 (bools are not), or None when ``nullable``; the error names ``key``."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be an integer >= 1{' or null' if nullable else ''}, got {value!r}")
+
+
 def validate_spd_settings(cfg) -> None:
     """Range checks of the SPD keys (paths are checked where the models are loaded)."""
-    gamma = cfg.num_speculative_tokens
-    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"{KEY}.num_speculative_tokens must be an integer >= 1, got {gamma!r}")
+    check_int_at_least_1(cfg.num_speculative_tokens, f"{KEY}.num_speculative_tokens")
     th = cfg.score_threshold
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0.0 < float(th) < 1.0:
         raise ValueError(f"{KEY}.score_threshold must be in the open interval (0, 1), got {th!r}")
@@ -68,6 +74,4 @@ def validate_spd_settings(cfg) -> None:
         raise ValueError(f"{KEY}.batch_window_ms must be >= 0, got {cfg.batch_window_ms!r}")
     if cfg.max_batch_size < 1:
         raise ValueError(f"{KEY}.max_batch_size must be >= 1, got {cfg.max_batch_size!r}")
-    threads = getattr(cfg, "cpu_threads", None)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{KEY}.cpu_threads must be an integer >= 1 or null, got {threads!r}")
+    check_int_at_least_1(getattr(cfg, "cpu_threads", None), f"{KEY}.cpu_threads", nullable=True)
