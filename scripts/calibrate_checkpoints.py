@@ -7,6 +7,7 @@ step on held-in data help?" (README: Results, session 9). Train with ``trainer.s
 have something to choose from.
 
     python scripts/calibrate_checkpoints.py runs/demo/checkpoints --out runs/demo/checkpoints.json
+    python scripts/calibrate_checkpoints.py RUN/checkpoints --gamma 8 --steps 60 --min-runs 1,5,6
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from spd_verl.eval.calibrate import calibrate
 from spd_verl.eval.data import load_eval_judge, load_rows
-from spd_verl.eval.sweep import Rule, evaluate
-from spd_verl.spd import RejectAll, ThresholdPolicy
+from spd_verl.eval.sweep import Rule, evaluate, judge_rule
+from spd_verl.spd import RejectAll
 from spd_verl.train import CALIBRATION_TOL, judge_exports
 from spd_verl.world import load_world
 
@@ -30,10 +31,14 @@ def main(argv=None):
                     "a judge trained at 6 can be calibrated and evaluated at 8)")
     ap.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")],
                     help="comma-separated steps to calibrate (default: every saved judge)")
+    ap.add_argument("--min-runs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                    help="run gates the calibration chooses among with the threshold (spd.RunGated; 1 = none)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
+    if any(m < 1 or m > args.gamma for m in args.min_runs):
+        raise SystemExit(f"--min-runs {args.min_runs}: every gate must be in [1, --gamma {args.gamma}]")
     exports = judge_exports(args.checkpoints)
     if args.steps is not None:
         missing = sorted(set(args.steps) - {step for step, _ in exports})
@@ -47,26 +52,27 @@ def main(argv=None):
     lossless = evaluate([Rule.fixed("reject_all", RejectAll())], world.draft, world.target, None, world.tokenizer,
                         test, **kw)[0]
     print(f"held-out lossless: {100 * lossless['accuracy']:.1f}% / τ {lossless['tau']:.3f}")
-    print("| step | threshold (val + calib) | calib split there | held-out there (diagnostic) |")
+    print("| step | rule chosen (val + calib) | calib split there | held-out there (diagnostic) |")
     print("| --- | --- | --- | --- |")
     records = []
     for step, path in exports:
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
-                                       fine_rows=calib, **kw)
+                                       fine_rows=calib, min_runs=args.min_runs, **kw)
         rec = dict(step=step, judge=str(path), pick=pick, coarse=coarse, fine=fine)
         if pick is None:
             print(f"| {step} | none keeps the bar | — | — |")
         else:
-            held = evaluate([Rule.fixed("judge", ThresholdPolicy(pick["setting"]), pick["setting"])], world.draft,
-                            world.target, judge, world.tokenizer, test, **kw)[0]
+            held = evaluate([judge_rule(pick["setting"], pick["min_run"])], world.draft, world.target, judge,
+                            world.tokenizer, test, **kw)[0]
             rec["held_out"] = held
-            print(f"| {step} | {pick['setting']:g} | {100 * pick['accuracy']:.2f}% / {pick['tau']:.3f} | "
+            print(f"| {step} | {pick['name']} | {100 * pick['accuracy']:.2f}% / {pick['tau']:.3f} | "
                   f"{100 * held['accuracy']:.1f}% / {held['tau']:.3f} ({held['tau'] / lossless['tau']:.2f}×) |",
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(gamma=args.gamma, held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, held_out_lossless=lossless,
+                                            checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 
 

@@ -84,6 +84,29 @@ def eval_gamma(cfg) -> int:
     return gamma
 
 
+def eval_min_runs(cfg, gamma: int) -> list[int]:
+    """Run gates (spd.RunGated) the calibration chooses among, with the threshold:
+    ``spd.eval.min_runs``, or the rollout's ``min_accept_run`` alone when that is null."""
+    from omegaconf import ListConfig, OmegaConf
+
+    from spd_verl.verl_ext.config import check_min_run
+
+    runs = OmegaConf.select(cfg, "spd.eval.min_runs", default=None)
+    if runs is None:
+        return [rollout_min_run(cfg)]
+    if not isinstance(runs, (list, tuple, ListConfig)) or not len(runs):
+        raise ValueError(f"spd.eval.min_runs must be a non-empty list of run gates (1 = none), got {runs!r}")
+    for m in runs:
+        check_min_run(m, "spd.eval.min_runs", gamma)
+    return list(runs)
+
+
+def rollout_min_run(cfg) -> int:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, "actor_rollout_ref.rollout.min_accept_run", default=1)
+
+
 def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Path | None:
     """``calib.parquet`` beside the calibration file, when there is one (and it is not the test set)."""
     if calibration_file is None:
@@ -97,46 +120,48 @@ def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Pat
 def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                   calibration_file: Path | None = None, fine_file: Path | None = None,
                   out_json: Path | None = None) -> list[dict]:
-    """reject_all and the judge at ``rollout.score_threshold`` on the held-out set; with a
-    ``calibration_file``, also the judge at the threshold chosen there (in a fine window on
-    ``fine_file`` after the coarse grid, when given). ``out_json``: every table printed, as JSON."""
+    """reject_all and the judge at ``rollout.score_threshold`` (behind ``rollout.min_accept_run``) on
+    the held-out set; with a ``calibration_file``, also the judge at the threshold and run gate
+    chosen there (in a fine window on ``fine_file`` after the coarse grid, when given).
+    ``out_json``: every table printed, as JSON."""
     from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
-    from spd_verl.eval.sweep import Rule, evaluate
-    from spd_verl.spd import RejectAll, ThresholdPolicy
+    from spd_verl.eval.sweep import Rule, evaluate, judge_rule
+    from spd_verl.spd import RejectAll
 
     ro = cfg.actor_rollout_ref.rollout
     gamma = eval_gamma(cfg)
+    min_runs = eval_min_runs(cfg, gamma)
     draft = load_causal_lm(ro.draft_model_path, "draft")
     target = load_causal_lm(ro.target_model_path, "target")
     tokenizer = load_tokenizer(ro.target_model_path)
     judge = load_eval_judge(judge_dir, target)
     kw = dict(gamma=gamma, max_new_tokens=cfg.data.max_response_length,
               eos_token_id=eos_token_id(tokenizer, target))
-    thresholds = [ro.score_threshold]
-    record = {"judge": str(judge_dir), "test_file": str(test_file), "gamma": gamma, "calibration_file": None}
+    settings = [(ro.score_threshold, rollout_min_run(cfg))]
+    record = {"judge": str(judge_dir), "test_file": str(test_file), "gamma": gamma, "min_runs": min_runs,
+              "calibration_file": None}
     if calibration_file is not None:
         for path in (calibration_file, fine_file):
             if path is not None and path.resolve() == Path(test_file).resolve():
                 raise ValueError(f"calibration file {path} is the held-out test file: calibrate on held-in data")
         fine_rows = load_rows(fine_file) if fine_file is not None else None
         pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
-                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, **kw)
+                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, min_runs=min_runs, **kw)
         print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file))
         record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
                       calibration_pick=pick, calibration_coarse=coarse, calibration_fine=fine)
-        if pick is not None and pick["setting"] != ro.score_threshold:
-            thresholds.append(pick["setting"])
-    rules = [Rule.fixed("reject_all", RejectAll())]
-    rules += [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]
+        if pick is not None and (pick["setting"], pick["min_run"]) != settings[0]:
+            settings.append((pick["setting"], pick["min_run"]))
+    rules = [Rule.fixed("reject_all", RejectAll())] + [judge_rule(t, m) for t, m in settings]
     rows = evaluate(rules, draft, target, judge, tokenizer, load_rows(test_file, limit), **kw)
     print(format_table(rows))
     base = rows[0]
     parts = [f"reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f}"]
-    for i, (r, t) in enumerate(zip(rows[1:], thresholds)):
+    for i, r in enumerate(rows[1:]):
         tag = f" (chosen on {(fine_file or calibration_file).name})" if i else ""
-        parts.append(f"judge@{t:g}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
+        parts.append(f"{r['name']}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
     print(f"held-out ({base['n']} problems, γ {gamma}): " + " | ".join(parts))
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +194,7 @@ def main(argv=None) -> int:
     cmd = main_ppo_command(args.config_name, out, overrides)
     cfg = None if args.no_eval else compose(args.config_name, overrides)
     if cfg is not None:
-        eval_gamma(cfg)  # a bad eval setting fails now, not after training
+        eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from spd_verl.scoring_model import ScoringModel
-from spd_verl.spd import (AcceptAll, BernoulliPolicy, RejectAll, SpeculativeDecoder, TargetProbPolicy,
-                          ThresholdPolicy, TypicalPolicy)
+from spd_verl.spd import (AcceptAll, BernoulliPolicy, DecisionContext, RejectAll, RunGated, SpeculativeDecoder,
+                          TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
+from spd_verl.spd.engine import next_mismatch
 from tiny import EOS, greedy, perturbed, random_prompts, tiny_llama
 
 
@@ -77,6 +78,63 @@ def test_accept_all_semantics(models, gamma):
             seq += block
         assert r == ref[:23]
     assert res.stats["accepted_mismatches"] == res.stats["mismatches"] > 0
+
+
+def _run_gated_reference(draft, target, prompt, gamma, min_run, n):
+    """AcceptAll behind RunGated, block by block from plain greedy calls: decide the mismatches from
+    the block's end backwards; an accept needs the run to the next rejected one (or the end) >= min_run."""
+    seq, out = list(prompt), []
+    while len(out) < n:
+        d = greedy(draft, seq, gamma)
+        t = [greedy(target, seq + d[:j], 1)[0] for j in range(gamma + 1)]
+        stop, rejected = gamma, []
+        for j in reversed(range(gamma)):
+            if d[j] != t[j] and stop - j < min_run:
+                stop = j
+                rejected.append(j)
+        r = min(rejected, default=gamma)
+        out += d[:r] + [t[r]]
+        seq += d[:r] + [t[r]]
+    return out[:n]
+
+
+@pytest.mark.parametrize("min_run", [1, 2, 3, 5])
+def test_run_gate_semantics(models, min_run):
+    target, draft = models
+    prompts = random_prompts(4, seed=7)
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=4)
+    res = dec.generate(prompts, RunGated(AcceptAll(), min_run), max_new_tokens=23)
+    for p, r in zip(prompts, res.responses):
+        assert r == _run_gated_reference(draft, target, p, 4, min_run, 23)
+    if min_run == 1:  # every run is >= 1: the gate changes nothing
+        assert res.responses == dec.generate(prompts, AcceptAll(), max_new_tokens=23).responses
+    elif min_run == 5:  # a run is at most γ = 4 draft tokens: lossless
+        assert res.responses == [greedy(target, p, 23) for p in prompts]
+    else:
+        assert 0 < res.stats["accepted_mismatches"] < res.stats["mismatches"]
+
+
+def test_next_mismatch_and_run_gate_by_hand():
+    m = torch.tensor([[0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    assert next_mismatch(m).tolist() == [[1, 3, 3, 6, 6, 6], [1, 5, 5, 5, 5, 6]]
+    # Row 0: mismatches at positions 10, 12 of a block ending at 15; row 1: 20, 21, block end 26.
+    ctx = DecisionContext(rows=torch.tensor([0, 0, 1, 1]), positions=torch.tensor([10, 12, 20, 21]),
+                          draft_tokens=torch.tensor([5, 6, 7, 8]), target_tokens=torch.tensor([1, 2, 3, 4]),
+                          logits=None, features=torch.zeros(4, 4), gaps=torch.tensor([2, 3, 1, 5]))
+    assert RunGated(AcceptAll(), 3).decide(ctx).tolist() == [True, True, True, True]
+    assert RunGated(AcceptAll(), 4).decide(ctx).tolist() == [False, False, True, True]
+
+    class NotAt21(AcceptAll):
+        def decide(self, ctx):
+            return ctx.positions != 21
+
+    # 21 rejected by the base rule: an accept at 20 would keep one token only.
+    assert RunGated(NotAt21(), 2).decide(ctx).tolist() == [True, True, False, False]
+    assert RunGated(NotAt21(), 1).decide(ctx).tolist() == [True, True, True, False]
+    assert RunGated(ThresholdPolicy(0.5), 2).needs_judge
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="min_run must be an integer >= 1"):
+            RunGated(AcceptAll(), bad)
 
 
 def test_identical_draft_gives_full_blocks(models):

@@ -385,7 +385,31 @@ def test_cli_calibrate_on_validation_data(world, tmp_path, capsys):
     assert cal["accuracy"] >= cal["lossless_accuracy"] - 0.01  # the pick met the bar on the calibration set
     names = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
     assert f"judge@{cal['threshold']:g}" in names and "judge@0.5" in names  # the pick joined the held-out sweep
-    assert f"calibrated threshold {cal['threshold']:g} (on val.parquet): held-out accuracy" in capsys.readouterr().out
+    assert f"calibrated judge@{cal['threshold']:g} (on val.parquet): held-out accuracy" in capsys.readouterr().out
+
+
+def test_cli_run_gates(world, tmp_path, capsys):
+    """--min-runs: every accepting rule once per gate, the calibration choosing the judge's gate too;
+    the ungated rows are the plain sweep's, and a gate longer than γ is refused."""
+    val = write_rows(tmp_path / "val.parquet", 5)
+    out = tmp_path / "gated"
+    args = ["--thresholds", "0.5", "--target-prob-eps", "0.1", "--typical-eps", "0.3", "--no-reference"]
+    assert main(cli_args(world, tmp_path / "plain", extra=args)) == 0
+    assert main(cli_args(world, out, extra=args + ["--min-runs", "1,2", "--calibrate-on", str(val)])) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    for name in ("judge@0.5 run>=2", "accept_all run>=2", "target_prob@0.1 run>=2", "typical@0.3 run>=2"):
+        assert rows[name]["min_run"] == 2
+    assert rows["accept_all run>=2"]["accepted_mismatches"] < rows["accept_all"]["accepted_mismatches"]
+    plain = {r["name"]: r for r in json.loads((tmp_path / "plain" / "results.json").read_text())["rows"]}
+    for name, r in plain.items():
+        assert (rows[name]["correct"], rows[name]["emitted_tokens"]) == (r["correct"], r["emitted_tokens"])
+    cal = res["settings"]["calibration"]
+    assert cal["min_runs"] == [1, 2] and cal["min_run"] in (1, 2) and res["settings"]["min_runs"] == [1, 2]
+    picked = f"judge@{cal['threshold']:g}" + (" run>=2" if cal["min_run"] == 2 else "")
+    assert picked in rows and f"calibrated {picked} (on val.parquet)" in capsys.readouterr().out
+    assert main(cli_args(world, tmp_path / "bad", extra=["--min-runs", "1,9"])) == 2
+    assert "--min-runs [9] exceed --gamma" in capsys.readouterr().err
 
 
 def test_cli_calibration_refuses_the_test_set_and_needs_a_judge(world, tmp_path, capsys):
@@ -447,6 +471,36 @@ def test_held_out_eval_at_another_gamma(world, tmp_path, capsys):
     for bad in (0, 2.5, "8", True):
         cfg.spd.eval.num_speculative_tokens = bad
         with pytest.raises(ValueError, match="spd.eval.num_speculative_tokens must be an integer >= 1"):
+            held_out_eval(cfg, r / "judge", world["data"], None)
+
+
+def test_held_out_eval_chooses_a_run_gate(world, tmp_path, capsys):
+    """spd.eval.min_runs: the calibration chooses the gate with the threshold, and the held-out table
+    has the config's operating point (behind rollout.min_accept_run) next to the chosen one."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.train import eval_min_runs, held_out_eval
+
+    r = world["root"]
+    cfg = OmegaConf.create(dict(
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+                                            score_threshold=0.5, num_speculative_tokens=3, min_accept_run=2)),
+        data=dict(max_response_length=12), spd=dict(eval=dict(min_runs=None))))
+    assert eval_min_runs(cfg, 3) == [2]  # null: the rollout's gate alone
+    cfg.spd.eval.min_runs = [1, 3]
+    val = write_rows(tmp_path / "val.parquet", 5)
+    rows = held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, out_json=tmp_path / "h.json")
+    record = json.loads((tmp_path / "h.json").read_text())
+    pick = record["calibration_pick"]
+    assert record["min_runs"] == [1, 3] and pick["min_run"] in (1, 3)
+    assert {row["min_run"] for row in record["calibration_coarse"] if row["rule"] == "judge"} == {1, 3}
+    assert rows[1]["name"] == "judge@0.5 run>=2"
+    if len(rows) == 3:
+        assert rows[2]["name"] == pick["name"] and f"{pick['name']} (chosen on val.parquet) acc" in capsys.readouterr().out
+    for bad, match in (([4], "must be <= num_speculative_tokens"), ([0], "must be an integer >= 1"),
+                       ([], "must be a non-empty list"), (2, "must be a non-empty list")):
+        cfg.spd.eval.min_runs = bad
+        with pytest.raises(ValueError, match=f"spd.eval.min_runs {match}"):
             held_out_eval(cfg, r / "judge", world["data"], None)
 
 
@@ -570,6 +624,44 @@ def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
     pick, _, fine = calibrate(None, None, object(), None, "val", grid=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
                               fine_rows="big", fine_points=5)
     assert pick["setting"] == 0.4 and [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4]
+
+
+def test_calibration_chooses_the_run_gate_too(monkeypatch):
+    """min_runs=(1, 5): the coarse grid runs once per gate, the pick is the best (threshold, gate)
+    pair, and the fine stage decodes that gate only. Each gate's grid is decoded up to its own
+    silent threshold (one that accepts nothing)."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate, summary
+
+    val = {1: {0.1: (0.95, 5.0, 9), 0.2: (0.987, 4.2, 5), 0.3: (0.993, 3.8, 0)},
+           5: {0.1: (0.987, 4.6, 6), 0.2: (0.993, 4.0, 3), 0.3: (0.993, 3.9, 1), 0.5: (0.993, 3.8, 0)}}
+    big = {0.1: (0.97, 4.7, 6), 0.125: (0.98, 4.5, 5), 0.15: (0.98, 4.4, 5), 0.175: (0.985, 4.1, 4),
+           0.2: (0.985, 4.0, 3)}
+    decoded = []
+
+    def fake(rules, draft, target, judge, tok, rows, **kw):
+        rule = rules[0]
+        decoded.append((rows, rule.name))
+        if rule.name == "reject_all":
+            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
+            return [dict(rule="reject_all", setting=None, min_run=1, name="reject_all", accuracy=acc, tau=tau, n=150,
+                         accepted_mismatches=0)]
+        acc, tau, accepted = (val[rule.min_run] if rows == "val" else big)[rule.setting]
+        return [dict(rule="judge", setting=rule.setting, min_run=rule.min_run, name=rule.name, accuracy=acc,
+                     tau=tau, accepted_mismatches=accepted)]
+
+    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    pick, coarse, fine = calibrate(None, None, object(), None, "val", grid=(0.1, 0.2, 0.3, 0.5),
+                                   fine_rows="big", fine_points=5, min_runs=(1, 5))
+    assert ("val", "judge@0.5") not in decoded and ("val", "judge@0.3 run>=5") in decoded
+    assert [r["name"] for r in coarse if r.get("reused_from")] == ["judge@0.5"]
+    assert all(name.endswith("run>=5") for rows, name in decoded if rows == "big" and name != "reject_all")
+    assert [r["setting"] for r in fine[1:]] == [0.1, 0.125, 0.15, 0.175, 0.2]
+    assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.125, 5, 4.5)  # 0.1 loses 1.5 points there
+    out = summary(pick, coarse, fine, 0.01)
+    assert (out["threshold"], out["min_run"], out["coarse"]["threshold"], out["coarse"]["min_run"]) == (0.125, 5, 0.1, 5)
+    with pytest.raises(ValueError, match="min_runs must be integers >= 1"):
+        calibrate(None, None, object(), None, "val", min_runs=(0,))
 
 
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):

@@ -298,3 +298,25 @@ def test_exported_judge_continues_as_actor(adapter_pair, tiny_world, tmp_path, p
         expected = server.judge(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits
         got = rebuilt(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_threshold_requests_go_through_the_run_gate(adapter_pair, prompts):
+    """Requests at temperature 0 use the threshold rule, behind rollout.min_accept_run when > 1."""
+    from spd_verl.spd import RunGated, ThresholdPolicy
+
+    _, server = adapter_pair
+    saved = server.config.score_threshold, server.config.min_accept_run
+    try:
+        object.__setattr__(server.config, "score_threshold", 0.01)  # accept (nearly) every mismatch
+        outs = {}
+        for m in (1, 2):
+            object.__setattr__(server.config, "min_accept_run", m)
+            outs[m] = [o.token_ids for o in rollout(server, prompts, temperature=0)]
+            policy = ThresholdPolicy(0.01) if m == 1 else RunGated(ThresholdPolicy(0.01), m)
+            direct = server.decoder.generate(prompts, policy, max_new_tokens=server.config.response_length,
+                                             eos_token_id=server.eos_token_id)
+            assert outs[m] == direct.responses
+        assert outs[1] != outs[2]  # the gate changed what was accepted
+    finally:
+        object.__setattr__(server.config, "score_threshold", saved[0])
+        object.__setattr__(server.config, "min_accept_run", saved[1])

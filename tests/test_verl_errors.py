@@ -32,6 +32,8 @@ def model_config(path):
     ("num_speculative_tokens", 0, "num_speculative_tokens must be an integer >= 1"),
     ("decision_mode", "greedy", "decision_mode must be one of"),
     ("cpu_threads", 0, "cpu_threads must be an integer >= 1 or null"),
+    ("min_accept_run", 0, "min_accept_run must be an integer >= 1"),
+    ("min_accept_run", 99, r"min_accept_run must be <= num_speculative_tokens \(\d+\)"),
 ])
 def test_rollout_settings_out_of_range(key, value, match):
     from hydra.errors import InstantiationException  # how hydra wraps the dataclass's ValueError

@@ -4,6 +4,7 @@
     spd-eval --no-judge --limit 64                                # baselines only
     spd-eval --judge J --calibrate-on val.parquet                 # + the threshold chosen on validation data
     spd-eval --judge J --calibrate-on val.parquet --calibrate-fine calib.parquet   # coarse on val, fine on calib
+    spd-eval --judge J --gamma 8 --min-runs 1,5,6                 # every rule also behind the run gates 5 and 6
     python -m spd_verl.eval --judge J --draft D --target T --data test.parquet --gamma 6
 
 Writes results.csv, results.json (rows, verdicts, run settings) and pareto.png under --out, and
@@ -33,6 +34,16 @@ def _floats(name):
             raise argparse.ArgumentTypeError(f"{name}: every value must be in (0, 1), got {bad}")
         return vals
     return parse
+
+
+def _run_gates(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-runs: expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--min-runs: every value must be an integer >= 1 (1 = no gate), got {text!r}")
+    return vals
 
 
 def _csv(vals) -> str:
@@ -65,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TargetProbPolicy eps values (accept iff p_target(draft) >= eps)")
     p.add_argument("--typical-eps", type=_floats("--typical-eps"), default=_csv(DEFAULT_TYPICAL_EPS),
                    help="TypicalPolicy epsilon values (delta = sqrt(epsilon))")
+    p.add_argument("--min-runs", type=_run_gates, default="1",
+                   help="run gates (spd.RunGated): every accepting rule is swept once per value, accepting only "
+                        "where the accept keeps >= that many draft tokens of its block; 1 = no gate. With "
+                        "--calibrate-on the calibration chooses the judge's gate among them too")
     p.add_argument("--no-reference", action="store_true", help="skip the oracle / hand-rule rows on the demo world")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
@@ -91,13 +106,17 @@ def run(args, log=print) -> dict:
     from .pareto import lossless, mark_pareto, verdicts
     from .plot import plot_pareto
     from .report import format_table, write_csv, write_json
-    from .sweep import build_rules, evaluate, reference_rules
+    from .sweep import build_rules, evaluate, judge_rule, reference_rules
 
     if args.judge is None and not args.no_judge:
         raise ValueError("--judge DIR is required (or pass --no-judge to evaluate the baselines only)")
     if args.gamma < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError(f"--gamma, --max-new-tokens and --batch-size must be >= 1 "
                          f"(got {args.gamma}, {args.max_new_tokens}, {args.batch_size})")
+    long_gates = [m for m in args.min_runs if m > args.gamma]
+    if long_gates:
+        raise ValueError(f"--min-runs {long_gates} exceed --gamma {args.gamma}: an accept keeps at most γ draft tokens "
+                         f"of its block, so such a gate never accepts")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,12 +137,16 @@ def run(args, log=print) -> dict:
         if judge is None:
             raise ValueError("--calibrate-on chooses a judge threshold: pass --judge DIR")
         calibration = _calibrate(args, paths["data"], draft, target, judge, tokenizer, eos, log)
-        if "threshold" in calibration and calibration["threshold"] not in args.thresholds:
-            args.thresholds = sorted([*args.thresholds, calibration["threshold"]])
 
-    rules = build_rules(args.thresholds, args.target_prob_eps, args.typical_eps, with_judge=judge is not None)
+    rules = build_rules(args.thresholds, args.target_prob_eps, args.typical_eps, with_judge=judge is not None,
+                        min_runs=args.min_runs)
+    if calibration is not None and "threshold" in calibration:
+        picked = judge_rule(calibration["threshold"], calibration["min_run"])
+        if picked.name not in {r.name for r in rules}:
+            judges = sorted([r for r in rules if r.family == "judge"] + [picked], key=lambda r: (r.min_run, r.setting))
+            rules = judges + [r for r in rules if r.family != "judge"]
     if not args.no_reference:
-        rules += reference_rules(rows, target, tokenizer, args.max_new_tokens, eos, log=log)
+        rules += reference_rules(rows, target, tokenizer, args.max_new_tokens, eos, log=log, min_runs=args.min_runs)
     log(f"spd-eval: {len(rows)} rows from {paths['data']}, {len(rules)} rules, gamma={args.gamma}, "
         f"max_new_tokens={args.max_new_tokens}, batch_size={args.batch_size}, device={device}")
 
@@ -139,6 +162,7 @@ def run(args, log=print) -> dict:
         tokenizer=str(paths["tokenizer"]), data=str(paths["data"]), n=len(rows), limit=args.limit,
         gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos_token_id=eos,
         thresholds=args.thresholds, target_prob_eps=args.target_prob_eps, typical_eps=args.typical_eps,
+        min_runs=args.min_runs,
         tol=args.tol, device=device, torch_threads=torch.get_num_threads(),
         rules=[r["name"] for r in results], lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
         time=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -166,10 +190,10 @@ def run(args, log=print) -> dict:
     else:
         log("no judge evaluated: no verdicts")
     if calibration is not None and "threshold" in calibration:
-        t = calibration["threshold"]
-        ours = next(r for r in results if r["rule"] == "judge" and r["setting"] == t)
+        name = judge_rule(calibration["threshold"], calibration["min_run"]).name
+        ours = next(r for r in results if r["name"] == name)
         where = (args.calibrate_fine or args.calibrate_on).name
-        log(f"calibrated threshold {t:g} (on {where}): held-out accuracy {100 * ours['accuracy']:.1f}%, "
+        log(f"calibrated {name} (on {where}): held-out accuracy {100 * ours['accuracy']:.1f}%, "
             f"τ {ours['tau']:.3f} ({ours['tau'] / base['tau']:.2f}x lossless)")
     log(f"\nwrote {files['csv']}, {files['json']}, {files['png']}")
     return dict(rows=results, verdicts=verdict_rows, settings=settings, paths=files)
@@ -184,7 +208,8 @@ def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> di
             raise ValueError(f"{flag} {path} is the evaluated --data: calibrate on validation data")
     fine_rows = load_rows(args.calibrate_fine) if args.calibrate_fine is not None else None
     pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
-                                   fine_rows=fine_rows, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+                                   fine_rows=fine_rows, min_runs=args.min_runs, gamma=args.gamma,
+                                   max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress)
     log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine))
     return summary(pick, coarse, fine, args.tol)

@@ -6,7 +6,7 @@ most τ whose accuracy stays within ``tol`` of lossless SD *on held-in data*; th
 measures that one threshold.
 
     grid = COARSE_GRID                                    # 0.02 ... 0.99
-    rows = evaluate(judge rules at grid + reject_all, ..., calibration rows)
+    rows = evaluate(judge rules at grid (x min_runs) + reject_all, ..., calibration rows)
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
 
@@ -15,6 +15,9 @@ or, with a larger calibration set (``fine_rows``; the demo world's calib split, 
     window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
     # none keeps the bar there: the grid's thresholds above the window, one at a time, until one does
+
+With ``min_runs`` (e.g. (1, 5, 6)) the coarse grid is swept once per run gate (spd.RunGated; 1 = no
+gate), the pick is the best (threshold, min_run) pair, and the later stages stay at its min_run.
 
 150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
 pick made on them alone is noisy; the fine stage makes it on 400 more (README, Results, for how
@@ -33,13 +36,20 @@ from .pareto import lossless
 COARSE_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
-def _judge_rows(rows: list[dict]) -> list[dict]:
-    return sorted((r for r in rows if r["rule"] == "judge"), key=lambda r: r["setting"])
+def _min_run(row: dict) -> int:
+    return row.get("min_run", 1)
+
+
+def _judge_rows(rows: list[dict], min_run: int | None = None) -> list[dict]:
+    """The judge rows (of one run gate, when ``min_run`` is given), by ascending threshold."""
+    return sorted((r for r in rows if r["rule"] == "judge" and min_run in (None, _min_run(r))),
+                  key=lambda r: (_min_run(r), r["setting"]))
 
 
 def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
     """The judge row with the highest τ among those with accuracy ≥ lossless accuracy − tol
-    (ties: the higher, more conservative threshold), or None when no judge row qualifies.
+    (ties: the higher, more conservative threshold, then the longer run gate), or None when no
+    judge row qualifies.
 
     rows: sweep result rows (spd_verl.eval.evaluate) with one ``reject_all`` row and ≥ 1 ``judge`` row.
     """
@@ -52,7 +62,7 @@ def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
     passing = [r for r in judges if r["accuracy"] >= bar - 1e-12]
     if not passing:
         return None
-    return max(passing, key=lambda r: (r["tau"], r["setting"]))
+    return max(passing, key=lambda r: (r["tau"], r["setting"], _min_run(r)))
 
 
 def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[float]:
@@ -61,7 +71,7 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
     [] when nothing was picked or the pick is the lowest setting."""
     if pick is None:
         return []
-    lower = [r["setting"] for r in _judge_rows(rows) if r["setting"] < pick["setting"]]
+    lower = [r["setting"] for r in _judge_rows(rows, _min_run(pick)) if r["setting"] < pick["setting"]]
     if not lower:
         return []
     lo, hi = max(lower), pick["setting"]
@@ -74,13 +84,16 @@ def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float)
     rows = fine or coarse
     base = lossless(rows)
     out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
-               thresholds=[r["setting"] for r in _judge_rows(rows)])
+               thresholds=[r["setting"] for r in _judge_rows(rows)],
+               min_runs=sorted({_min_run(r) for r in _judge_rows(rows)}))
     if fine:
         coarse_pick = pick_threshold(coarse, tol)
         out["coarse"] = dict(n=lossless(coarse)["n"], thresholds=[r["setting"] for r in _judge_rows(coarse)],
-                             threshold=None if coarse_pick is None else coarse_pick["setting"])
+                             min_runs=sorted({_min_run(r) for r in _judge_rows(coarse)}),
+                             threshold=None if coarse_pick is None else coarse_pick["setting"],
+                             min_run=None if coarse_pick is None else _min_run(coarse_pick))
     if pick is not None:
-        out.update(threshold=pick["setting"], accuracy=pick["accuracy"], tau=pick["tau"])
+        out.update(threshold=pick["setting"], min_run=_min_run(pick), accuracy=pick["accuracy"], tau=pick["tau"])
     return out
 
 
@@ -90,13 +103,17 @@ def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str =
     from .report import format_table
 
     line = (f"{stage}: no judge threshold kept accuracy within {tol:g} of lossless" if pick is None
-            else f"{stage}: threshold {pick['setting']:g} (accuracy {100 * pick['accuracy']:.1f}%, "
+            else f"{stage}: threshold {pick['setting']:g}{_gate(pick)} (accuracy {100 * pick['accuracy']:.1f}%, "
                  f"τ {pick['tau']:.3f})")
     reused_rows = [r for r in _judge_rows(rows) if r.get("reused_from")]
     if reused_rows:
         line = (f"not decoded: {', '.join(r['name'] for r in reused_rows)} (= {reused_rows[0]['reused_from']}, which "
                 f"accepted no mismatch: a higher threshold decodes the same lossless trajectories)\n{line}")
     return f"{stage} on {source} ({lossless(rows)['n']} rows):\n{format_table(rows)}\n{line}"
+
+
+def _gate(row: dict) -> str:
+    return f", run >= {_min_run(row)}" if _min_run(row) > 1 else ""
 
 
 def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, source, fine_source=None) -> str:
@@ -107,23 +124,26 @@ def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float,
                       report(pick, fine, tol, fine_source, stage="calibration")])
 
 
-def fine_window(rows: list[dict], pick: dict | None, points: int = 5) -> list[float]:
+def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: int | None = None) -> list[float]:
     """``points`` evenly spaced thresholds from the coarse grid step below the pick to the one above
     (both included): where the fine stage looks, since a small coarse set can miss the crossing by
     a grid step either way. The window is centred on the *lowest* threshold with the pick's τ (a
     judge that accepts nothing from 0.6 up ties lossless everywhere there; the pick reports 0.99,
     the crossing is just below 0.6). No pick (nothing kept accuracy): the top grid step.
 
-    rows: the coarse sweep (its judge settings are the grid)."""
+    rows: the coarse sweep (its judge settings are the grid). Only one run gate's rows are read:
+    the pick's, else ``min_run``, else the smallest swept."""
     if points < 2:
         raise ValueError(f"fine calibration needs at least 2 points, got {points}")
-    grid = [r["setting"] for r in _judge_rows(rows)]
+    gate = (_min_run(pick) if pick is not None else min_run if min_run is not None
+            else min((_min_run(r) for r in _judge_rows(rows)), default=1))
+    grid = [r["setting"] for r in _judge_rows(rows, gate)]
     if not grid:
         raise ValueError("fine_window needs the coarse sweep's judge rows")
     if pick is None:
         lo, hi = grid[-2] if len(grid) > 1 else grid[-1], grid[-1]
     else:
-        centre = min(r["setting"] for r in _judge_rows(rows)
+        centre = min(r["setting"] for r in _judge_rows(rows, gate)
                      if r["tau"] == pick["tau"] and r["accuracy"] >= pick["accuracy"] - 1e-12)
         lo = max([t for t in grid if t < centre], default=centre)
         hi = min([t for t in grid if t > centre], default=centre)
@@ -134,42 +154,51 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5) -> list[fl
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
-              **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
-    """Sweep reject_all and the judge at ``grid`` on the calibration ``rows`` and pick.
+              min_runs=(1,), **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
+    """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
+    on the calibration ``rows`` and pick the (threshold, min_run) pair.
 
     Without ``fine_rows``: refine once between the pick and the next lower threshold, on ``rows``.
     With ``fine_rows`` (a larger calibration set): sweep reject_all and :func:`fine_window` around
     the coarse pick on them instead, and pick there; if no threshold of the window keeps the bar,
     the ``grid`` thresholds above it are added one at a time until one does (or the grid ends).
+    Both later stages use the coarse pick's run gate (no pick: ``min_runs[0]``).
 
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
-    from spd_verl.spd import RejectAll, ThresholdPolicy
+    from spd_verl.spd import RejectAll
 
-    from .sweep import Rule, evaluate
+    from .sweep import Rule, evaluate, judge_rule
 
-    def run(thresholds, data, results, baseline=False):
-        """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` on ``data``,
-        reusing the row of the lowest threshold that accepted nothing for every higher one."""
+    min_runs = list(min_runs)
+    if not min_runs or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in min_runs):
+        raise ValueError(f"min_runs must be integers >= 1 (1 = no run gate), got {min_runs!r}")
+
+    def run(thresholds, data, results, gate, baseline=False):
+        """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` behind run gate
+        ``gate`` on ``data``, reusing the row of the lowest threshold that accepted nothing for every
+        higher one."""
         if baseline:
             results += evaluate([Rule.fixed("reject_all", RejectAll())], draft, target, judge, tokenizer, data,
                                 **eval_kwargs)
-        silent = next((r for r in _judge_rows(results) if r["accepted_mismatches"] == 0), None)
+        silent = next((r for r in _judge_rows(results, gate) if r["accepted_mismatches"] == 0), None)
         for t in sorted(thresholds):
             if silent is not None and t >= silent["setting"]:
                 results.append(reused(silent, t))
                 continue
-            row = evaluate([Rule.fixed("judge", ThresholdPolicy(t), t)], draft, target, judge, tokenizer, data,
-                           **eval_kwargs)[0]
+            row = evaluate([judge_rule(t, gate)], draft, target, judge, tokenizer, data, **eval_kwargs)[0]
             results.append(row)
             if row["accepted_mismatches"] == 0:
                 silent = row
         return results
 
-    coarse = run(grid, rows, [], baseline=True)
+    coarse = []
+    for i, m in enumerate(min_runs):
+        run(grid, rows, coarse, m, baseline=i == 0)
     pick = pick_threshold(coarse, tol)
+    gate = min_runs[0] if pick is None else _min_run(pick)
     if fine_rows is not None:
-        fine = run(fine_window(coarse, pick, fine_points), fine_rows, [], baseline=True)
+        fine = run(fine_window(coarse, pick, fine_points, gate), fine_rows, [], gate, baseline=True)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
@@ -177,11 +206,11 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
         for t in (t for t in sorted(grid) if t > top):
             if pick_threshold(fine, tol) is not None:
                 break
-            run([t], fine_rows, fine)
+            run([t], fine_rows, fine, gate)
         return pick_threshold(fine, tol), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
-        run(finer, rows, coarse)
+        run(finer, rows, coarse, gate)
         pick = pick_threshold(coarse, tol)
     return pick, coarse, []
 
@@ -191,5 +220,7 @@ def reused(row: dict, threshold: float) -> dict:
     if threshold < row["setting"] or row["accepted_mismatches"]:
         raise ValueError(f"judge@{row['setting']:g} accepted {row['accepted_mismatches']} mismatches; its row "
                          f"stands only for higher thresholds of a judge that accepted none (got {threshold:g})")
-    return {**row, "setting": threshold, "name": f"judge@{threshold:g}", "wall_time_s": 0.0,
+    from .sweep import judge_rule
+
+    return {**row, "setting": threshold, "name": judge_rule(threshold, _min_run(row)).name, "wall_time_s": 0.0,
             "reused_from": row["name"]}

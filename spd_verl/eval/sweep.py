@@ -1,8 +1,9 @@
 """The sweep: every acceptance rule at every setting, on one held-out set, through one engine.
 
 A *rule* is a family (``judge``, ``reject_all``, ``accept_all``, ``target_prob``, ``typical``,
-``oracle``, ``hand_rule``) at one setting (a threshold / eps, or None). Each rule runs as its own
-``SpeculativeDecoder.generate`` calls over the set in batches, and yields one result row.
+``oracle``, ``hand_rule``) at one setting (a threshold / eps, or None), optionally behind the run
+gate (``min_run`` > 1: spd.RunGated). Each rule runs as its own ``SpeculativeDecoder.generate``
+calls over the set in batches, and yields one result row.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from spd_verl.reward import is_correct
-from spd_verl.spd import (AcceptAll, Policy, RejectAll, SpeculativeDecoder, TargetProbPolicy, ThresholdPolicy,
-                          TypicalPolicy)
+from spd_verl.spd import (AcceptAll, Policy, RejectAll, RunGated, SpeculativeDecoder, TargetProbPolicy,
+                          ThresholdPolicy, TypicalPolicy)
 
 from .data import DEMO_DATA_SOURCE, prompt_ids
 
 SWEPT = ("judge", "target_prob", "typical")  # families with a swept setting (a curve on the plot)
 SINGLE = ("reject_all", "accept_all", "oracle", "hand_rule")  # one point each
-COLUMNS = ("rule", "setting", "name", "n", "accuracy", "tau", "accepted_mismatch_rate", "mismatches_per_seq",
+COLUMNS = ("rule", "setting", "min_run", "name", "n", "accuracy", "tau", "accepted_mismatch_rate", "mismatches_per_seq",
            "mean_response_length", "target_forwards_per_token", "draft_acceptance_rate", "wall_time_s",
            "correct", "emitted_tokens", "target_forwards", "mismatches", "accepted_mismatches", "nan_logits")
 
@@ -31,37 +32,52 @@ DEFAULT_TYPICAL_EPS = (0.01, 0.03, 0.09, 0.2, 0.3, 0.5)
 @dataclass
 class Rule:
     """One row of the sweep. ``make(batch_rows) -> Policy`` builds the policy for one batch
-    (reference rules such as the oracle need that batch's ground truths)."""
+    (reference rules such as the oracle need that batch's ground truths); ``min_run`` > 1 means
+    the policy accepts behind ``RunGated(..., min_run)``."""
 
     family: str
     setting: float | None
     make: Callable[[list[dict]], Policy]
     name: str
+    min_run: int = 1
 
     @classmethod
-    def fixed(cls, family: str, policy: Policy, setting: float | None = None) -> "Rule":
-        return cls(family, setting, lambda _rows: policy, policy.name)
+    def fixed(cls, family: str, policy: Policy, setting: float | None = None, min_run: int = 1) -> "Rule":
+        if min_run != 1:
+            policy = RunGated(policy, min_run)
+        return cls(family, setting, lambda _rows: policy, policy.name, min_run)
 
     @property
     def needs_judge(self) -> bool:
         return self.family == "judge"
 
 
+def judge_rule(threshold: float, min_run: int = 1) -> Rule:
+    """The judge at ``threshold``, behind the run gate when ``min_run`` > 1."""
+    return Rule.fixed("judge", ThresholdPolicy(threshold), threshold, min_run)
+
+
 def build_rules(thresholds=DEFAULT_THRESHOLDS, target_prob_eps=DEFAULT_TARGET_PROB_EPS,
-                typical_eps=DEFAULT_TYPICAL_EPS, with_judge: bool = True) -> list[Rule]:
-    """The standard sweep: judge thresholds, reject_all, accept_all, target-prob and typical sweeps."""
+                typical_eps=DEFAULT_TYPICAL_EPS, with_judge: bool = True, min_runs=(1,)) -> list[Rule]:
+    """The standard sweep: judge thresholds, reject_all, accept_all, target-prob and typical sweeps;
+    every accepting family once per ``min_runs`` entry (1 = no run gate)."""
     rules = []
-    if with_judge:
-        rules += [Rule.fixed("judge", ThresholdPolicy(t), t) for t in thresholds]
-    rules += [Rule.fixed("reject_all", RejectAll()), Rule.fixed("accept_all", AcceptAll())]
-    rules += [Rule.fixed("target_prob", TargetProbPolicy(e), e) for e in target_prob_eps]
-    rules += [Rule.fixed("typical", TypicalPolicy(e), e) for e in typical_eps]
+    for m in min_runs:
+        if with_judge:
+            rules += [judge_rule(t, m) for t in thresholds]
+    rules.append(Rule.fixed("reject_all", RejectAll()))
+    for m in min_runs:
+        rules.append(Rule.fixed("accept_all", AcceptAll(), min_run=m))
+        rules += [Rule.fixed("target_prob", TargetProbPolicy(e), e, m) for e in target_prob_eps]
+        rules += [Rule.fixed("typical", TypicalPolicy(e), e, m) for e in typical_eps]
     return rules
 
 
-def reference_rules(rows, target, tokenizer, max_new_tokens: int, eos_token_id, log=print) -> list[Rule]:
-    """On the demo world: the single-swap oracle and the non-digit hand rule (DESIGN.md §8), when
-    ``spd_verl.world.oracle`` provides them; otherwise [] with a printed note."""
+def reference_rules(rows, target, tokenizer, max_new_tokens: int, eos_token_id, log=print,
+                    min_runs=(1,)) -> list[Rule]:
+    """On the demo world: the single-swap oracle and the non-digit hand rule (DESIGN.md §8; the
+    hand rule once per ``min_runs`` entry), when ``spd_verl.world.oracle`` provides them; otherwise
+    [] with a printed note."""
     sources = {r["data_source"] for r in rows}
     if sources != {DEMO_DATA_SOURCE}:
         return []
@@ -75,7 +91,7 @@ def reference_rules(rows, target, tokenizer, max_new_tokens: int, eos_token_id, 
         return SingleSwapOracle(target, tokenizer, [r["ground_truth"] for r in batch], max_new_tokens, eos_token_id)
 
     hand = NonDigitRule(tokenizer)
-    return [Rule("oracle", None, oracle, "oracle"), Rule.fixed("hand_rule", hand)]
+    return [Rule("oracle", None, oracle, "oracle")] + [Rule.fixed("hand_rule", hand, min_run=m) for m in min_runs]
 
 
 def _batches(items, size):
@@ -142,7 +158,7 @@ def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict
 def _row(rule: Rule, n: int, a: dict, wall: float) -> dict:
     em, tf, mm = a["emitted_tokens"], a["target_forwards"], a["mismatches"]
     return dict(
-        rule=rule.family, setting=rule.setting, name=rule.name, n=n,
+        rule=rule.family, setting=rule.setting, min_run=rule.min_run, name=rule.name, n=n,
         accuracy=a["correct"] / n,
         tau=em / max(1, tf),
         accepted_mismatch_rate=a["accepted_mismatches"] / mm if mm else 0.0,

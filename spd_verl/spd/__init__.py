@@ -2,10 +2,10 @@
 
 from .engine import DecisionRecord, SDResult, SpeculativeDecoder, decision_tensors
 from .policies import (FEATURE_NAMES, NUM_FEATURES, AcceptAll, BernoulliPolicy, DecisionContext, Policy, RejectAll,
-                       TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
+                       RunGated, TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
 
 __all__ = [
     "SpeculativeDecoder", "SDResult", "DecisionRecord", "decision_tensors", "Policy", "DecisionContext",
-    "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy",
+    "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy", "RunGated",
     "FEATURE_NAMES", "NUM_FEATURES",
 ]

@@ -219,7 +219,8 @@ class SpeculativeDecoder:
                     positions=torch.tensor([len(responses[active[r]]) + c
                                             for r, c in zip(mm_rows.tolist(), mm_cols.tolist())], dtype=torch.long),
                     draft_tokens=d[mm_rows, mm_cols], target_tokens=t[mm_rows, mm_cols],
-                    logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes)
+                    logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes,
+                    gaps=(next_mismatch(mismatch)[mm_rows, mm_cols] - mm_cols).cpu())
                 acc = policy.decide(ctx).to(dev).bool()
                 if acc.shape != mm_rows.shape:
                     raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "
@@ -321,6 +322,16 @@ class SpeculativeDecoder:
             target_forwards_per_sequence=forwards / max(1, len(responses)),
             **counters,
         )
+
+
+def next_mismatch(mismatch: torch.Tensor) -> torch.Tensor:
+    """mismatch: BoolTensor[B, γ] -> LongTensor[B, γ]: per column, the column of the row's next
+    mismatch after it, or γ when there is none."""
+    gamma = mismatch.shape[1]
+    cols = torch.where(mismatch, torch.arange(gamma, device=mismatch.device), gamma)
+    # Reverse cumulative min gives the first mismatch at or after each column; shift by one.
+    at_or_after = cols.flip(1).cummin(dim=1).values.flip(1)
+    return torch.cat([at_or_after[:, 1:], torch.full_like(cols[:, :1], gamma)], dim=1)
 
 
 def decision_tensors(records: list[DecisionRecord], length: int, num_features: int = NUM_FEATURES) -> dict:

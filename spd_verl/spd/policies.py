@@ -27,6 +27,9 @@ class DecisionContext:
     target_tokens: LongTensor[N]
     logits:        FloatTensor[N] judge logits, or None when the policy needs no judge
     features:      FloatTensor[N, 4] see FEATURE_NAMES (free: computed during verification)
+    gaps:          LongTensor[N]  block columns from this mismatch to the block's next one, or to
+                   the block's end: the draft tokens an accept keeps (itself included) when the
+                   next mismatch is rejected. Free: verification already compared them all.
     prefixes:      prompt + response before the draft token, per decision; only filled
                    when the policy sets ``needs_prefix``
     """
@@ -38,6 +41,7 @@ class DecisionContext:
     logits: torch.Tensor | None
     features: torch.Tensor
     prefixes: list[list[int]] | None = None
+    gaps: torch.Tensor | None = None
 
 
 class Policy:
@@ -133,3 +137,38 @@ class TypicalPolicy(Policy):
         p_draft = ctx.features[:, 0].exp()
         bar = torch.clamp(self.delta * torch.exp(-ctx.features[:, 2]), max=self.epsilon)
         return p_draft > bar
+
+
+
+class RunGated(Policy):
+    """``policy``'s accepts, kept only where the accept keeps a run of at least ``min_run`` draft
+    tokens (itself included) in its block: up to the block's next *rejected* mismatch, or to the
+    block's end (where the bonus token comes on top). Later mismatches are decided first, so the
+    run counts the later accepts the gate lets through.
+
+    The verification pass already tells, for free, whether the target goes on agreeing with the
+    draft after a mismatch. An accept the target then disagrees with again at once buys a token and
+    steers the target onto the draft's path; one it follows for the rest of the block buys the
+    block (README: Results, session 13)."""
+
+    def __init__(self, policy: Policy, min_run: int):
+        if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
+            raise ValueError(f"min_run must be an integer >= 1, got {min_run!r}")
+        self.policy, self.min_run = policy, min_run
+        self.needs_judge, self.needs_prefix = policy.needs_judge, policy.needs_prefix
+        self.name = f"{policy.name} run>={min_run}"
+
+    def decide(self, ctx):
+        if ctx.gaps is None:
+            raise ValueError(f"{self.name} needs DecisionContext.gaps (filled by SpeculativeDecoder)")
+        ok = self.policy.decide(ctx).cpu().bool()
+        out = torch.zeros_like(ok)
+        rows, pos, gaps = ctx.rows.tolist(), ctx.positions.tolist(), ctx.gaps.tolist()
+        stop = {}  # row -> where the run of an accept at the current mismatch ends
+        for k in sorted(range(len(rows)), key=lambda k: (rows[k], -pos[k])):  # each row last-first
+            end = stop.setdefault(rows[k], pos[k] + gaps[k])  # the row's last mismatch: the block's end
+            if ok[k] and end - pos[k] >= self.min_run:
+                out[k] = True
+            else:
+                stop[rows[k]] = pos[k]
+        return out.to(ctx.draft_tokens.device)

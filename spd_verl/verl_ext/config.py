@@ -30,6 +30,8 @@ class SPDRolloutConfig(RolloutConfig):
         T = sampling temperature) or ``threshold``. Requests with temperature 0 (verl's validation
         default, ``val_kwargs.temperature=0``) always use the threshold rule.
     score_threshold: accept iff σ(s) > score_threshold in threshold mode.
+    min_accept_run: in threshold mode, also require the accept to keep a run of at least this many
+        draft tokens in its block (spd.RunGated; 1 = no gate). Sampled training decisions are not gated.
     draft_temperature: 0 = greedy draft.
     batch_window_ms: the server collects requests arriving within this window into one batch.
     max_batch_size: at most this many sequences per engine call.
@@ -42,6 +44,7 @@ class SPDRolloutConfig(RolloutConfig):
     num_speculative_tokens: int = 4
     decision_mode: str = "sample"
     score_threshold: float = 0.5
+    min_accept_run: int = 1
     draft_temperature: float = 0.0
     batch_window_ms: float = 20.0
     max_batch_size: int = 256
@@ -60,12 +63,22 @@ def check_int_at_least_1(value, key: str, nullable: bool = False) -> None:
         raise ValueError(f"{key} must be an integer >= 1{' or null' if nullable else ''}, got {value!r}")
 
 
+def check_min_run(value, key: str, gamma: int) -> None:
+    """A run gate is an int in [1, γ]: an accept keeps at most γ draft tokens of its block, so a
+    longer gate would never accept (lossless SD under another name)."""
+    check_int_at_least_1(value, key)
+    if value > gamma:
+        raise ValueError(f"{key} must be <= num_speculative_tokens ({gamma}): an accept keeps at most "
+                         f"{gamma} draft tokens of its block, so {value} would never accept; got {value!r}")
+
+
 def validate_spd_settings(cfg) -> None:
     """Range checks of the SPD keys (paths are checked where the models are loaded)."""
     check_int_at_least_1(cfg.num_speculative_tokens, f"{KEY}.num_speculative_tokens")
     th = cfg.score_threshold
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0.0 < float(th) < 1.0:
         raise ValueError(f"{KEY}.score_threshold must be in the open interval (0, 1), got {th!r}")
+    check_min_run(cfg.min_accept_run, f"{KEY}.min_accept_run", cfg.num_speculative_tokens)
     if cfg.decision_mode not in DECISION_MODES:
         raise ValueError(f"{KEY}.decision_mode must be one of {DECISION_MODES}, got {cfg.decision_mode!r}")
     if cfg.draft_temperature < 0:
