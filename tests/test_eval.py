@@ -627,16 +627,18 @@ def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
 
 
 def test_calibration_chooses_the_run_gate_too(monkeypatch):
-    """min_runs=(1, 5): the coarse grid runs once per gate, the pick is the best (threshold, gate)
-    pair, and the fine stage decodes that gate only. Each gate's grid is decoded up to its own
-    silent threshold (one that accepts nothing)."""
+    """min_runs=(1, 5): the coarse grid runs once per gate, each gate up to its own silent threshold
+    (one that accepts nothing). The fine stage sweeps each gate's window around that gate's coarse
+    pick, so the larger set decides the gate: here val prefers no gate, the larger set gate 5."""
     import spd_verl.eval.sweep as sweep_mod
     from spd_verl.eval.calibrate import calibrate, summary
 
-    val = {1: {0.1: (0.95, 5.0, 9), 0.2: (0.987, 4.2, 5), 0.3: (0.993, 3.8, 0)},
+    val = {1: {0.1: (0.95, 5.0, 9), 0.2: (0.987, 4.8, 5), 0.3: (0.993, 3.8, 0)},
            5: {0.1: (0.987, 4.6, 6), 0.2: (0.993, 4.0, 3), 0.3: (0.993, 3.9, 1), 0.5: (0.993, 3.8, 0)}}
-    big = {0.1: (0.97, 4.7, 6), 0.125: (0.98, 4.5, 5), 0.15: (0.98, 4.4, 5), 0.175: (0.985, 4.1, 4),
-           0.2: (0.985, 4.0, 3)}
+    big = {1: {0.1: (0.95, 5.0, 9), 0.15: (0.96, 4.8, 8), 0.2: (0.97, 4.5, 6), 0.25: (0.98, 4.0, 3),
+               0.3: (0.985, 3.7, 0)},
+           5: {0.1: (0.97, 4.7, 6), 0.125: (0.98, 4.5, 5), 0.15: (0.98, 4.4, 5), 0.175: (0.985, 4.1, 4),
+               0.2: (0.985, 4.0, 3)}}
     decoded = []
 
     def fake(rules, draft, target, judge, tok, rows, **kw):
@@ -646,7 +648,7 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
             acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
             return [dict(rule="reject_all", setting=None, min_run=1, name="reject_all", accuracy=acc, tau=tau, n=150,
                          accepted_mismatches=0)]
-        acc, tau, accepted = (val[rule.min_run] if rows == "val" else big)[rule.setting]
+        acc, tau, accepted = (val if rows == "val" else big)[rule.min_run][rule.setting]
         return [dict(rule="judge", setting=rule.setting, min_run=rule.min_run, name=rule.name, accuracy=acc,
                      tau=tau, accepted_mismatches=accepted)]
 
@@ -655,11 +657,12 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
                                    fine_rows="big", fine_points=5, min_runs=(1, 5))
     assert ("val", "judge@0.5") not in decoded and ("val", "judge@0.3 run>=5") in decoded
     assert [r["name"] for r in coarse if r.get("reused_from")] == ["judge@0.5"]
-    assert all(name.endswith("run>=5") for rows, name in decoded if rows == "big" and name != "reject_all")
-    assert [r["setting"] for r in fine[1:]] == [0.1, 0.125, 0.15, 0.175, 0.2]
-    assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.125, 5, 4.5)  # 0.1 loses 1.5 points there
+    assert [r["name"] for r in fine[1:]] == ["judge@0.1", "judge@0.15", "judge@0.2", "judge@0.25", "judge@0.3",
+                                             "judge@0.1 run>=5", "judge@0.125 run>=5", "judge@0.15 run>=5",
+                                             "judge@0.175 run>=5", "judge@0.2 run>=5"]
+    assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.125, 5, 4.5)  # gate 1 keeps the bar at τ 4.0 only
     out = summary(pick, coarse, fine, 0.01)
-    assert (out["threshold"], out["min_run"], out["coarse"]["threshold"], out["coarse"]["min_run"]) == (0.125, 5, 0.1, 5)
+    assert (out["threshold"], out["min_run"], out["coarse"]["threshold"], out["coarse"]["min_run"]) == (0.125, 5, 0.2, 1)
     with pytest.raises(ValueError, match="min_runs must be integers >= 1"):
         calibrate(None, None, object(), None, "val", min_runs=(0,))
 

@@ -17,7 +17,9 @@ or, with a larger calibration set (``fine_rows``; the demo world's calib split, 
     # none keeps the bar there: the grid's thresholds above the window, one at a time, until one does
 
 With ``min_runs`` (e.g. (1, 5, 6)) the coarse grid is swept once per run gate (spd.RunGated; 1 = no
-gate), the pick is the best (threshold, min_run) pair, and the later stages stay at its min_run.
+gate), the fine stage sweeps each gate's window around that gate's own coarse pick, and the pick is
+the best (threshold, min_run) pair there: which gate wins is decided on the larger set too (on 150
+val problems one answer decides it).
 
 150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
 pick made on them alone is noisy; the fine stage makes it on 400 more (README, Results, for how
@@ -44,6 +46,11 @@ def _judge_rows(rows: list[dict], min_run: int | None = None) -> list[dict]:
     """The judge rows (of one run gate, when ``min_run`` is given), by ascending threshold."""
     return sorted((r for r in rows if r["rule"] == "judge" and min_run in (None, _min_run(r))),
                   key=lambda r: (_min_run(r), r["setting"]))
+
+
+def _gate_rows(rows: list[dict], min_run: int) -> list[dict]:
+    """``rows`` without the judge rows of other run gates."""
+    return [r for r in rows if r["rule"] != "judge" or _min_run(r) == min_run]
 
 
 def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
@@ -159,10 +166,11 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
 
     Without ``fine_rows``: refine once between the pick and the next lower threshold, on ``rows``.
-    With ``fine_rows`` (a larger calibration set): sweep reject_all and :func:`fine_window` around
-    the coarse pick on them instead, and pick there; if no threshold of the window keeps the bar,
-    the ``grid`` thresholds above it are added one at a time until one does (or the grid ends).
-    Both later stages use the coarse pick's run gate (no pick: ``min_runs[0]``).
+    With ``fine_rows`` (a larger calibration set): sweep reject_all and, per gate, :func:`fine_window`
+    around that gate's coarse pick on them instead, and pick there; if no threshold of any window
+    keeps the bar, the ``grid`` thresholds above the overall coarse pick's window (at its gate; no
+    pick: ``min_runs[0]``) are added one at a time until one does (or the grid ends). The
+    refinement without ``fine_rows`` stays at the coarse pick's gate.
 
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
@@ -198,11 +206,16 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     pick = pick_threshold(coarse, tol)
     gate = min_runs[0] if pick is None else _min_run(pick)
     if fine_rows is not None:
-        fine = run(fine_window(coarse, pick, fine_points, gate), fine_rows, [], gate, baseline=True)
+        fine = []
+        for m in min_runs:
+            own = pick_threshold(_gate_rows(coarse, m), tol)
+            if own is None and m != gate:
+                continue  # no threshold kept the bar behind this gate on the coarse set
+            run(fine_window(coarse, own, fine_points, m), fine_rows, fine, m, baseline=not fine)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
-        top = max(r["setting"] for r in _judge_rows(fine))
+        top = max(r["setting"] for r in _judge_rows(fine, gate))
         for t in (t for t in sorted(grid) if t > top):
             if pick_threshold(fine, tol) is not None:
                 break
