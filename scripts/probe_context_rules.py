@@ -13,6 +13,8 @@ Prints accuracy and τ per rule against lossless SD on the same problems (README
 
     python scripts/probe_context_rules.py --data spd_verl/assets/world/data/calib.parquet
     python scripts/probe_context_rules.py --fresh 1000      # the README's table
+    python scripts/probe_context_rules.py --data spd_verl/assets/world/data/calib.parquet --gamma 8 \
+        --caps "" --cooldowns "" --entropies "" --run-gates 5,6      # the run gate (README session 13)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from spd_verl.eval.data import load_rows, normalize_row
 from spd_verl.eval.sweep import Rule, evaluate
-from spd_verl.spd import RejectAll
+from spd_verl.spd import RejectAll, RunGated
 from spd_verl.spd.policies import DecisionContext, Policy
 from spd_verl.world import load_world
 from spd_verl.world.oracle import NonDigitRule
@@ -194,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--caps", default="1,2,3,4,6", help="comma-separated caps on accepts per sequence")
     ap.add_argument("--cooldowns", default="16", help="comma-separated cooldowns (tokens)")
     ap.add_argument("--entropies", default="0.05,0.2", help="comma-separated lookahead entropy bars (nats)")
+    ap.add_argument("--run-gates", default="", help="comma-separated run gates (spd.RunGated) on the non-digit rule "
+                    "(README session 13; give empty --caps/--cooldowns/--entropies to run only these)")
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     args = ap.parse_args(argv)
     world = load_world(args.world)
@@ -214,6 +218,8 @@ def main(argv=None):
               for w in floats(args.cooldowns)]
     rules += [rule(lambda h=h: LookaheadNonDigit(tok, target, h), f"non_digit lookahead_entropy<{h:g}")
               for h in floats(args.entropies)]
+    rules += [rule(lambda m=int(m): RunGated(NonDigitRule(tok), m), f"non_digit run>={int(m)}")
+              for m in floats(args.run_gates)]
     rules.append(rule(lambda: OperandOrderNonDigit(tok), "non_digit never_small_first_colon"))
     res = evaluate(rules, draft, target, None, tok, rows, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                    eos_token_id=world.eos_token_id, progress=False, keep_outputs=True)

@@ -139,17 +139,16 @@ class TypicalPolicy(Policy):
         return p_draft > bar
 
 
-
 class RunGated(Policy):
     """``policy``'s accepts, kept only where the accept keeps a run of at least ``min_run`` draft
     tokens (itself included) in its block: up to the block's next *rejected* mismatch, or to the
     block's end (where the bonus token comes on top). Later mismatches are decided first, so the
     run counts the later accepts the gate lets through.
 
-    The verification pass already tells, for free, whether the target goes on agreeing with the
-    draft after a mismatch. An accept the target then disagrees with again at once buys a token and
-    steers the target onto the draft's path; one it follows for the rest of the block buys the
-    block (README: Results, session 13)."""
+    Free: verification has already compared every later draft token of the block with the target's
+    choice. A long run means the target goes on agreeing with where the draft's token leads; on the
+    demo world, at γ = 8, that covers the sum a draft wording opens, result digits included, which
+    is where accepted wordings break answers (README: Results, session 13)."""
 
     def __init__(self, policy: Policy, min_run: int):
         if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
