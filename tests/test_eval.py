@@ -626,40 +626,6 @@ def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
     assert pick["setting"] == 0.4 and [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4]
 
 
-def test_fine_stage_walks_down_the_grid_when_the_window_bottom_keeps_the_bar(monkeypatch):
-    """On val 0.05 loses one answer too many, so the window is 0.05-0.2; on the larger set 0.05 keeps
-    the bar, and the grid below it is tried in descending order while thresholds keep it."""
-    import spd_verl.eval.sweep as sweep_mod
-    from spd_verl.eval.calibrate import calibrate
-
-    val = {0.01: (0.9, 6.0, 9), 0.02: (0.95, 5.5, 9), 0.05: (0.98, 5.0, 8), 0.1: (0.993, 4.5, 6),
-           0.2: (0.993, 4.0, 3), 0.3: (0.993, 3.8, 0)}
-    big = {0.01: (0.96, 5.6, 9), 0.02: (0.976, 5.2, 9), 0.05: (0.98, 4.9, 8), 0.0875: (0.98, 4.6, 7),
-           0.125: (0.985, 4.3, 6), 0.1625: (0.985, 4.2, 5), 0.2: (0.985, 4.0, 3)}
-    decoded = []
-
-    def fake(rules, draft, target, judge, tok, rows, **kw):
-        rule = rules[0]
-        decoded.append((rows, rule.name))
-        if rule.name == "reject_all":
-            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
-            return [dict(rule="reject_all", setting=None, min_run=1, name="reject_all", accuracy=acc, tau=tau, n=150,
-                         accepted_mismatches=0)]
-        acc, tau, accepted = (val if rows == "val" else big)[rule.setting]
-        return [dict(rule="judge", setting=rule.setting, min_run=1, name=rule.name, accuracy=acc, tau=tau,
-                     accepted_mismatches=accepted)]
-
-    monkeypatch.setattr(sweep_mod, "evaluate", fake)
-    grid = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
-    pick, _, fine = calibrate(None, None, object(), None, "val", grid=grid, fine_rows="big", fine_points=5)
-    assert [r["setting"] for r in fine[1:]] == [0.05, 0.0875, 0.125, 0.1625, 0.2, 0.02, 0.01]
-    assert (pick["setting"], pick["tau"]) == (0.02, 5.2)  # 0.01 loses 2.5 points there: the walk stops
-    big[0.05] = (0.97, 4.9, 8)  # the window's bottom misses the bar: nothing below it is tried
-    decoded.clear()
-    pick, _, fine = calibrate(None, None, object(), None, "val", grid=grid, fine_rows="big", fine_points=5)
-    assert pick["setting"] == 0.0875 and ("big", "judge@0.02") not in decoded
-
-
 def test_calibration_chooses_the_run_gate_too(monkeypatch):
     """min_runs=(1, 5): the coarse grid runs once per gate, each gate up to its own silent threshold
     (one that accepts nothing). The fine stage sweeps each gate's window around that gate's coarse

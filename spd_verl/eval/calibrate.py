@@ -14,7 +14,6 @@ or, with a larger calibration set (``fine_rows``; the demo world's calib split, 
 
     window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
-    # the window's lowest keeps the bar there: the grid's thresholds below it, one at a time, while they do
     # none keeps the bar there: the grid's thresholds above the window, one at a time, until one does
 
 With ``min_runs`` (e.g. (1, 5, 6)) the coarse grid is swept once per run gate (spd.RunGated; 1 = no
@@ -168,8 +167,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
 
     Without ``fine_rows``: refine once between the pick and the next lower threshold, on ``rows``.
     With ``fine_rows`` (a larger calibration set): sweep reject_all and, per gate, :func:`fine_window`
-    around that gate's coarse pick on them instead (walking down the ``grid`` below a window whose
-    lowest threshold keeps the bar, while thresholds do), and pick there; if no threshold of any window
+    around that gate's coarse pick on them instead, and pick there; if no threshold of any window
     keeps the bar, the ``grid`` thresholds above the overall coarse pick's window (at its gate; no
     pick: ``min_runs[0]``) are added one at a time until one does (or the grid ends). The
     refinement without ``fine_rows`` stays at the coarse pick's gate.
@@ -213,18 +211,10 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             own = pick_threshold(_gate_rows(coarse, m), tol)
             if own is None and m != gate:
                 continue  # no threshold kept the bar behind this gate on the coarse set
-            window = fine_window(coarse, own, fine_points, m)
-            run(window, fine_rows, fine, m, baseline=not fine)
-            # The window's lowest threshold keeps the bar on the larger set: the crossing lies lower
-            # (val's one answer put the coarse pick a grid step too high, run N3, README session 13).
-            # Walk down the grid there while thresholds keep it.
-            bar = lossless(fine)["accuracy"] - tol - 1e-12
-            lowest = min(window)
-            for t in sorted((t for t in grid if t < lowest), reverse=True):
-                if next(r for r in _judge_rows(fine, m) if r["setting"] == lowest)["accuracy"] < bar:
-                    break
-                run([t], fine_rows, fine, m)
-                lowest = t
+            # Only around the gate's own coarse pick: a threshold val rejected is not tried again on
+            # the larger set, where the best of more candidates would be picked at a luckier draw
+            # (README: Results, session 13, measured a walk down the grid this way).
+            run(fine_window(coarse, own, fine_points, m), fine_rows, fine, m, baseline=not fine)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
