@@ -146,9 +146,8 @@ class RunGated(Policy):
     run counts the later accepts the gate lets through.
 
     Free: verification has already compared every later draft token of the block with the target's
-    choice. A long run means the target goes on agreeing with where the draft's token leads; on the
-    demo world, at γ = 8, that covers the sum a draft wording opens, result digits included, which
-    is where accepted wordings break answers (README: Results, session 13)."""
+    choice. A long run means the target goes on agreeing with where the draft's token leads (on the
+    demo world at γ = 8 it halves the answers accepting loses; README: Results, session 13)."""
 
     def __init__(self, policy: Policy, min_run: int):
         if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
