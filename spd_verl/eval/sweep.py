@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from spd_verl.reward import is_correct
-from spd_verl.spd import (AcceptAll, Policy, RejectAll, RunGated, SpeculativeDecoder, TargetProbPolicy,
-                          ThresholdPolicy, TypicalPolicy)
+from spd_verl.spd import (AcceptAll, Policy, RejectAll, SpeculativeDecoder, TargetProbPolicy, ThresholdPolicy,
+                          TypicalPolicy, run_gated)
 
 from .data import DEMO_DATA_SOURCE, prompt_ids
 
@@ -43,8 +43,7 @@ class Rule:
 
     @classmethod
     def fixed(cls, family: str, policy: Policy, setting: float | None = None, min_run: int = 1) -> "Rule":
-        if min_run != 1:
-            policy = RunGated(policy, min_run)
+        policy = run_gated(policy, min_run)
         return cls(family, setting, lambda _rows: policy, policy.name, min_run)
 
     @property

@@ -220,7 +220,7 @@ class SpeculativeDecoder:
                                             for r, c in zip(mm_rows.tolist(), mm_cols.tolist())], dtype=torch.long),
                     draft_tokens=d[mm_rows, mm_cols], target_tokens=t[mm_rows, mm_cols],
                     logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes,
-                    gaps=(next_mismatch(mismatch)[mm_rows, mm_cols] - mm_cols).cpu())
+                    gaps=(next_mismatch(mismatch)[mm_rows, mm_cols] - mm_cols).cpu() if policy.needs_gaps else None)
                 acc = policy.decide(ctx).to(dev).bool()
                 if acc.shape != mm_rows.shape:
                     raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "

@@ -30,6 +30,7 @@ class DecisionContext:
     gaps:          LongTensor[N]  block columns from this mismatch to the block's next one, or to
                    the block's end: the draft tokens an accept keeps (itself included) when the
                    next mismatch is rejected. Free: verification already compared them all.
+                   Only filled when the policy sets ``needs_gaps``.
     prefixes:      prompt + response before the draft token, per decision; only filled
                    when the policy sets ``needs_prefix``
     """
@@ -47,6 +48,7 @@ class DecisionContext:
 class Policy:
     needs_judge: bool = False
     needs_prefix: bool = False
+    needs_gaps: bool = False  # DecisionContext.gaps, computed only for policies that read them
     name: str = "policy"
 
     def decide(self, ctx: DecisionContext) -> torch.Tensor:  # pragma: no cover - interface
@@ -149,6 +151,8 @@ class RunGated(Policy):
     choice. A long run means the target goes on agreeing with where the draft's token leads (on the
     demo world at γ = 8 it halves the answers accepting loses; README: Results, session 13)."""
 
+    needs_gaps = True
+
     def __init__(self, policy: Policy, min_run: int):
         if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
             raise ValueError(f"min_run must be an integer >= 1, got {min_run!r}")
@@ -170,3 +174,8 @@ class RunGated(Policy):
             else:
                 stop[rows[k]] = pos[k]
         return out.to(ctx.draft_tokens.device)
+
+
+def run_gated(policy: Policy, min_run: int) -> Policy:
+    """``policy`` behind ``RunGated(policy, min_run)``, or ``policy`` itself when ``min_run`` is 1."""
+    return policy if min_run == 1 else RunGated(policy, min_run)

@@ -28,7 +28,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.replica import TokenOutput
 
 from ..scoring_model import decision_log_probs, export_judge
-from ..spd import BernoulliPolicy, RejectAll, RunGated, SpeculativeDecoder, ThresholdPolicy
+from ..spd import BernoulliPolicy, RejectAll, SpeculativeDecoder, ThresholdPolicy, run_gated
 from .config import KEY, SPDRolloutConfig
 from .judge import build_judge, lora_merged, wrap_lora
 from .keys import DECISIONS_KEY, POLICY_PARAM, TARGET_LOGPROBS_KEY
@@ -214,9 +214,7 @@ class SPDServer:
         if mode == "lossless":
             policy = RejectAll()
         elif mode == "threshold":
-            policy = ThresholdPolicy(self.config.score_threshold)
-            if self.config.min_accept_run > 1:
-                policy = RunGated(policy, self.config.min_accept_run)
+            policy = run_gated(ThresholdPolicy(self.config.score_threshold), self.config.min_accept_run)
         else:
             policy = TemperedBernoulli(self._rng.randrange(2**62), temperature)
         result = self.decoder.generate(prompts, policy=policy, max_new_tokens=limits, eos_token_id=self.eos_token_id)
