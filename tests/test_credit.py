@@ -107,6 +107,11 @@ def test_decision_credit_signs_and_requests():
     calls.clear()
     assert _credit(generate, response, records, max_tokens=3) == {0: 1.0}
 
+    # A gate's forced reject is not the judge's decision: never branched.
+    calls.clear()
+    assert _credit(generate, response, dict(records, forced=[1, 0])) == {2: 1.0}
+    assert [c[0] for c in calls] == [[0, 0, 5, 7, 4]]
+
     out_of_step = dict(records, draft_tokens=[8, 4])
     with pytest.raises(ValueError, match="decision at response position 0 says token 8 but the response has 5"):
         _credit(generate, response, out_of_step)

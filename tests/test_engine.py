@@ -6,7 +6,8 @@ import torch
 from spd_verl.scoring_model import ScoringModel
 from spd_verl.spd import (AcceptAll, BernoulliPolicy, DecisionContext, RejectAll, RunGated, SpeculativeDecoder,
                           TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
-from spd_verl.spd.engine import next_mismatch
+from spd_verl.spd.engine import decision_tensors, next_mismatch
+from spd_verl.spd.policies import Policy
 from tiny import EOS, greedy, perturbed, random_prompts, tiny_llama
 
 
@@ -114,6 +115,44 @@ def test_run_gate_semantics(models, min_run):
         assert 0 < res.stats["accepted_mismatches"] < res.stats["mismatches"]
 
 
+class _Coin(Policy):
+    """Seeded coin flips, no judge: a stand-in for the sampled training rule."""
+
+    def __init__(self, seed):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def decide(self, ctx):
+        return torch.rand(ctx.draft_tokens.shape, generator=self.g) < 0.5
+
+
+def test_gated_sampling_records_forced_rejects_apart(models):
+    """Behind the gate, the mismatches it rejects whatever the policy chose are recorded as forced:
+    counted as mismatches, never accepted, and left out of the decision mask (no training signal)."""
+    target, draft = models
+    prompts = random_prompts(6, seed=11)
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=4)
+    res = dec.generate(prompts, RunGated(AcceptAll(), 3), max_new_tokens=23)
+    forced = [f for rec in res.decisions for f in rec.forced]
+    actions = [a for rec in res.decisions for a in rec.actions]
+    assert len(forced) == len(actions) == res.stats["mismatches"]
+    assert actions == [1 - f for f in forced]  # AcceptAll: every reject is the gate's
+    assert 0 < res.stats["forced_rejects"] == sum(forced) < len(forced)
+
+    res = dec.generate(prompts, RunGated(_Coin(0), 3), max_new_tokens=23)
+    recs = res.decisions
+    assert all(a == 0 for rec in recs for a, f in zip(rec.actions, rec.forced) if f)
+    chosen = [a for rec in recs for a, f in zip(rec.actions, rec.forced) if not f]
+    assert 0 < sum(chosen) < len(chosen)  # the coin's own accepts and rejects both happen
+    tensors = decision_tensors(recs, 23)
+    assert tensors["decision_mask"].sum() == len(chosen) < res.stats["mismatches"]
+    for b, rec in enumerate(recs):
+        for p, f in zip(rec.positions, rec.forced):
+            assert tensors["decision_mask"][b, p] == 1 - f
+    # Without a gate nothing is forced.
+    plain = dec.generate(prompts, _Coin(0), max_new_tokens=23)
+    assert plain.stats["forced_rejects"] == 0 and all(not any(r.forced) for r in plain.decisions)
+
+
 def test_next_mismatch_and_run_gate_by_hand():
     m = torch.tensor([[0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
     assert next_mismatch(m).tolist() == [[1, 3, 3, 6, 6, 6], [1, 5, 5, 5, 5, 6]]
@@ -130,6 +169,10 @@ def test_next_mismatch_and_run_gate_by_hand():
 
     # 21 rejected by the base rule: an accept at 20 would keep one token only.
     assert RunGated(NotAt21(), 2).decide(ctx).tolist() == [True, True, False, False]
+    # ... so 20 is the gate's reject (forced), 21 the base rule's own (a decision).
+    assert ctx.forced.tolist() == [False, False, True, False]
+    RunGated(AcceptAll(), 4).decide(ctx)
+    assert ctx.forced.tolist() == [True, True, False, False]
     assert RunGated(NotAt21(), 1).decide(ctx).tolist() == [True, True, True, False]
     assert RunGated(ThresholdPolicy(0.5), 2).needs_judge
     for bad in (0, -1, 1.5, True):

@@ -320,3 +320,35 @@ def test_threshold_requests_go_through_the_run_gate(adapter_pair, prompts):
     finally:
         object.__setattr__(server.config, "score_threshold", saved[0])
         object.__setattr__(server.config, "min_accept_run", saved[1])
+
+
+def test_sampled_requests_behind_the_run_gate_train_only_on_real_decisions(adapter_pair, prompts):
+    """With rollout.min_accept_run > 1, training rollouts sample behind the gate too. The gate's
+    forced rejects reach the batch with decision mask 0 and log-prob 0 (no gradient); the actor's
+    log-probs still equal the rollout's at every real decision."""
+    from spd_verl.verl_ext.keys import DECISIONS_KEY
+
+    engine, server = adapter_pair
+    saved = server.config.min_accept_run
+    try:
+        object.__setattr__(server.config, "min_accept_run", 2)
+        outs = rollout(server, prompts * 3)
+    finally:
+        object.__setattr__(server.config, "min_accept_run", saved)
+    rows = to_batch(prompts * 3, outs)
+    n_forced = n_real = 0
+    for out, row in zip(outs, rows):
+        rec = out.extra_fields[DECISIONS_KEY]
+        assert out.extra_fields["spd_forced_rejects"] == sum(rec["forced"])
+        assert out.extra_fields["spd_mismatches"] == len(rec["positions"])
+        for p, a, f in zip(rec["positions"], rec["actions"], rec["forced"]):
+            assert row["response_mask"][p] == (0 if f else 1)
+            if f:
+                assert a == 0 and out.log_probs[p] == 0.0
+        n_forced += sum(rec["forced"])
+        n_real += len(rec["forced"]) - sum(rec["forced"])
+    assert n_forced > 0 and n_real > 0
+    log_probs, _ = engine_response_outputs(engine, nested_batch(rows))
+    for row, lp in zip(rows, log_probs):
+        mask = row["response_mask"].bool()
+        torch.testing.assert_close(lp[mask], row["rollout_log_probs"][mask], atol=1e-5, rtol=1e-5)

@@ -18,6 +18,10 @@ def test_training_metrics_pool_over_sequences():
     assert m["spd/accepted_mismatch_rate"] == pytest.approx(1 / 4)
     assert (m["spd/mismatches_per_seq"], m["spd/response_length"], m["spd/accuracy"]) == (2.0, 12.0, 0.5)
     assert (m["spd/truncated_rate"], m["spd/sequences_without_decision"], m["spd/server_batch_size"]) == (0.5, 0.5, 2)
+    assert "spd/forced_reject_rate" not in m  # no gate in this batch's rollouts
+    extras[0]["spd_forced_rejects"], extras[1]["spd_forced_rejects"] = 3, 0
+    gated = spd_summary(rows_from_extra_fields(extras, [15, 9]), "spd")
+    assert gated["spd/forced_reject_rate"] == pytest.approx(3 / 4)
 
 
 def test_validation_metrics_from_reward_terms():

@@ -28,6 +28,9 @@ class DecisionRecord:
     actions: list[int] = field(default_factory=list)  # 1 accept / 0 reject
     logits: list[float] = field(default_factory=list)  # judge logits (NaN when no judge ran)
     features: list[list[float]] = field(default_factory=list)  # [n, 4], see FEATURE_NAMES
+    # 1 where a gate rejected whatever the policy chose (DecisionContext.forced): a mismatch, not a
+    # decision of the policy, so it gets no log-prob or gradient in training.
+    forced: list[int] = field(default_factory=list)
     target_forwards: int = 0
 
     @property
@@ -37,6 +40,10 @@ class DecisionRecord:
     @property
     def accepted_mismatches(self) -> int:
         return sum(self.actions)
+
+    @property
+    def forced_rejects(self) -> int:
+        return sum(self.forced)
 
 
 @dataclass
@@ -207,6 +214,7 @@ class SpeculativeDecoder:
 
             # 4. Decide every mismatch of the block at once, then walk.
             accept = torch.zeros_like(mismatch)
+            forced = torch.zeros_like(mismatch)
             mm_rows, mm_cols = mismatch.nonzero(as_tuple=True)
             if mm_rows.numel():
                 lg = judge_logits[mm_rows, mm_cols] if use_judge else None
@@ -225,6 +233,11 @@ class SpeculativeDecoder:
                 if acc.shape != mm_rows.shape:
                     raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "
                                      f"{mm_rows.numel()} mismatches")
+                if ctx.forced is not None:
+                    if ctx.forced.shape != mm_rows.shape:
+                        raise ValueError(f"policy {policy.name!r} set {tuple(ctx.forced.shape)} forced flags for "
+                                         f"{mm_rows.numel()} mismatches")
+                    forced[mm_rows, mm_cols] = ctx.forced.to(dev).bool()
                 if lg is not None:
                     nan = torch.isnan(lg)
                     counters["nan_logits"] += int(nan.sum())
@@ -241,7 +254,7 @@ class SpeculativeDecoder:
             emit_tok = torch.where(cols[None] < r[:, None], torch.cat([d, t[:, gamma:]], dim=1), t)
             emit_lp = t_logp.gather(2, emit_tok[..., None]).squeeze(-1).tolist()
             r_list, d_list, t_list = r.tolist(), d.tolist(), t.tolist()
-            mm_list, acc_list = mismatch.tolist(), accept.tolist()
+            mm_list, acc_list, forced_list = mismatch.tolist(), accept.tolist(), forced.tolist()
             lg_list = judge_logits.tolist() if use_judge else None
             f_list = features.tolist()
             done = []
@@ -265,6 +278,7 @@ class SpeculativeDecoder:
                         rec.actions.append(int(acc_list[i][j]))
                         rec.logits.append(lg_list[i][j] if use_judge else float("nan"))
                         rec.features.append(f_list[i][j])
+                        rec.forced.append(int(forced_list[i][j]))
                 responses[b].extend(emitted[:cut])
                 target_lps[b].extend(emit_lp[i][:cut])
                 counters["draft_proposed"] += gamma
@@ -313,10 +327,11 @@ class SpeculativeDecoder:
         forwards = sum(rec.target_forwards for rec in records)
         mism = sum(rec.mismatches for rec in records)
         acc = sum(rec.accepted_mismatches for rec in records)
+        forced = sum(rec.forced_rejects for rec in records)
         return dict(
             sequences=len(responses), emitted_tokens=emitted, target_forwards=forwards,
             tau=emitted / max(1, forwards), mismatches=mism, accepted_mismatches=acc,
-            accepted_mismatch_rate=acc / mism if mism else 0.0,
+            accepted_mismatch_rate=acc / mism if mism else 0.0, forced_rejects=forced,
             draft_acceptance_rate=counters["draft_kept"] / max(1, counters["draft_proposed"]),
             mean_response_length=emitted / max(1, len(responses)),
             target_forwards_per_sequence=forwards / max(1, len(responses)),
@@ -337,7 +352,7 @@ def next_mismatch(mismatch: torch.Tensor) -> torch.Tensor:
 def decision_tensors(records: list[DecisionRecord], length: int, num_features: int = NUM_FEATURES) -> dict:
     """Decision records -> tensors [B, length] aligned with right-padded responses.
 
-    Keys: decision_mask (float 1 at decisions), draft_tokens, target_tokens (long, 0 elsewhere),
+    Keys: decision_mask (float 1 at decisions, not at a gate's forced rejects), draft_tokens, target_tokens (long, 0 elsewhere),
     actions (float), old_logits (float), features [B, length, F].
     """
     B = len(records)
@@ -353,7 +368,7 @@ def decision_tensors(records: list[DecisionRecord], length: int, num_features: i
             raise ValueError(f"sequence {b} has a decision at response position {max(rec.positions)} "
                              f"but the response tensor is only {length} long")
         pos = torch.tensor(rec.positions, dtype=torch.long)
-        out["decision_mask"][b, pos] = 1.0
+        out["decision_mask"][b, pos] = 1.0 - torch.tensor(rec.forced or [0] * len(pos), dtype=torch.float)
         out["draft_tokens"][b, pos] = torch.tensor(rec.draft_tokens, dtype=torch.long)
         out["target_tokens"][b, pos] = torch.tensor(rec.target_tokens, dtype=torch.long)
         out["actions"][b, pos] = torch.tensor(rec.actions, dtype=torch.float)

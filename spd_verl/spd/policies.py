@@ -33,6 +33,9 @@ class DecisionContext:
                    Only filled when the policy sets ``needs_gaps``.
     prefixes:      prompt + response before the draft token, per decision; only filled
                    when the policy sets ``needs_prefix``
+    forced:        BoolTensor[N] written by a gate (RunGated) in ``decide``: True where the gate
+                   rejects whatever the wrapped policy chose. Those mismatches are not the
+                   policy's decisions, so training gives them no log-prob and no gradient.
     """
 
     rows: torch.Tensor
@@ -43,6 +46,7 @@ class DecisionContext:
     features: torch.Tensor
     prefixes: list[list[int]] | None = None
     gaps: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
 
 
 class Policy:
@@ -149,7 +153,11 @@ class RunGated(Policy):
 
     Free: verification has already compared every later draft token of the block with the target's
     choice. A long run means the target goes on agreeing with where the draft's token leads (on the
-    demo world at γ = 8 it halves the answers accepting loses; README: Results, session 13)."""
+    demo world at γ = 8 it halves the answers accepting loses; README: Results, session 13).
+
+    A mismatch whose accept could not keep ``min_run`` tokens is rejected whatever ``policy`` says:
+    ``decide`` marks it in ``ctx.forced``, so a judge trained behind the gate (sampled decisions)
+    learns only from the mismatches where its choice is carried out."""
 
     needs_gaps = True
 
@@ -164,15 +172,17 @@ class RunGated(Policy):
         if ctx.gaps is None:
             raise ValueError(f"{self.name} needs DecisionContext.gaps (filled by SpeculativeDecoder)")
         ok = self.policy.decide(ctx).cpu().bool()
-        out = torch.zeros_like(ok)
+        out, forced = torch.zeros_like(ok), torch.zeros_like(ok)
         rows, pos, gaps = ctx.rows.tolist(), ctx.positions.tolist(), ctx.gaps.tolist()
         stop = {}  # row -> where the run of an accept at the current mismatch ends
         for k in sorted(range(len(rows)), key=lambda k: (rows[k], -pos[k])):  # each row last-first
             end = stop.setdefault(rows[k], pos[k] + gaps[k])  # the row's last mismatch: the block's end
-            if ok[k] and end - pos[k] >= self.min_run:
+            forced[k] = end - pos[k] < self.min_run
+            if ok[k] and not forced[k]:
                 out[k] = True
             else:
                 stop[rows[k]] = pos[k]
+        ctx.forced = forced
         return out.to(ctx.draft_tokens.device)
 
 

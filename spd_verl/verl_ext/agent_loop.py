@@ -71,8 +71,9 @@ def decision_fields(records: dict, length: int) -> dict:
     mask, draft, target = [0] * length, [0] * length, [0] * length
     actions, logits = [0.0] * length, [0.0] * length
     features = [[0.0] * NUM_FEATURES for _ in range(length)]
+    forced = records.get("forced") or [0] * len(positions)  # a gate's rejects: no decision to learn from
     for i, p in enumerate(positions):
-        mask[p] = 1
+        mask[p] = 0 if forced[i] else 1
         draft[p] = int(records["draft_tokens"][i])
         target[p] = int(records["target_tokens"][i])
         actions[p] = float(records["actions"][i])

@@ -30,8 +30,10 @@ class SPDRolloutConfig(RolloutConfig):
         T = sampling temperature) or ``threshold``. Requests with temperature 0 (verl's validation
         default, ``val_kwargs.temperature=0``) always use the threshold rule.
     score_threshold: accept iff σ(s) > score_threshold in threshold mode.
-    min_accept_run: in threshold mode, also require the accept to keep a run of at least this many
-        draft tokens in its block (spd.RunGated; 1 = no gate). Sampled training decisions are not gated.
+    min_accept_run: the run gate (spd.RunGated; 1 = none): an accept must keep a run of at least this
+        many draft tokens in its block, in both modes. Training behind it, the mismatches the gate
+        rejects whatever the judge samples are not decisions (decision mask 0, no gradient), so the
+        judge learns where its choice is carried out; deploy it behind the same gate.
     draft_temperature: 0 = greedy draft.
     batch_window_ms: the server collects requests arriving within this window into one batch.
     max_batch_size: at most this many sequences per engine call.

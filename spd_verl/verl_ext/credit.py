@@ -175,7 +175,8 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
         raise ValueError("spd.credit needs reward kind 'gated' or 'correct_only': a branch's target forwards "
                          "over the shared prefix are not recorded, so its tau_bonus cannot be computed")
     positions, actions = records["positions"], [int(a) for a in records["actions"]]
-    candidates = [j for j, p in enumerate(positions) if p + 1 < max_tokens]
+    forced = records.get("forced") or [0] * len(positions)  # a gate's rejects are not the judge's to credit
+    candidates = [j for j, p in enumerate(positions) if p + 1 < max_tokens and not forced[j]]
     weights = None
     if pick == "uncertain":
         weights = uncertainty_weights([records["logits"][j] for j in candidates])

@@ -216,7 +216,7 @@ class SPDServer:
         elif mode == "threshold":
             policy = run_gated(ThresholdPolicy(self.config.score_threshold), self.config.min_accept_run)
         else:
-            policy = TemperedBernoulli(self._rng.randrange(2**62), temperature)
+            policy = run_gated(TemperedBernoulli(self._rng.randrange(2**62), temperature), self.config.min_accept_run)
         result = self.decoder.generate(prompts, policy=policy, max_new_tokens=limits, eos_token_id=self.eos_token_id)
         outputs = [self._token_output(resp, rec, temperature, limit, mode, lps)
                    for resp, rec, limit, lps in zip(result.responses, result.decisions, limits,
@@ -230,8 +230,8 @@ class SPDServer:
         if record.positions:
             logits = torch.tensor(record.logits, dtype=torch.float32) / temperature
             lp, _ = decision_log_probs(logits, torch.tensor(record.actions, dtype=torch.float32))
-            for pos, value in zip(record.positions, lp.tolist()):
-                log_probs[pos] = 0.0 if math.isnan(value) else value
+            for pos, value, forced in zip(record.positions, lp.tolist(), record.forced):
+                log_probs[pos] = 0.0 if math.isnan(value) or forced else value
         finished = bool(response) and response[-1] in self.eos_token_id
         extra = {
             "global_steps": self.global_steps,
@@ -239,9 +239,11 @@ class SPDServer:
                 "positions": list(record.positions), "draft_tokens": list(record.draft_tokens),
                 "target_tokens": list(record.target_tokens), "actions": list(record.actions),
                 "logits": list(record.logits), "features": [list(f) for f in record.features],
+                "forced": list(record.forced),
             },
             "spd_mismatches": record.mismatches,
             "spd_accepted_mismatches": record.accepted_mismatches,
+            "spd_forced_rejects": record.forced_rejects,
             "spd_target_forwards": record.target_forwards,
             "spd_truncated": (not finished) and len(response) >= max_new_tokens,
             "spd_decision_mode": mode,
