@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModel
 
 from spd_verl.scoring_model import (ScoringModel, add_lora, decision_log_probs, export_judge, load_judge)
-from spd_verl.spd import BernoulliPolicy, SpeculativeDecoder, decision_tensors
+from spd_verl.spd import NUM_FEATURES, BernoulliPolicy, SpeculativeDecoder, decision_tensors
 from tiny import perturbed, random_prompts, tiny_llama
 
 
@@ -31,7 +31,7 @@ def _finished_batch(prompts, res):
     B, L = len(prompts), P + R
     t = dict(input_ids=torch.zeros(B, L, dtype=torch.long), attention_mask=torch.zeros(B, L, dtype=torch.long),
              draft_tokens=torch.zeros(B, L, dtype=torch.long), target_tokens=torch.zeros(B, L, dtype=torch.long),
-             features=torch.zeros(B, L, 4), mask=torch.zeros(B, L, dtype=torch.bool), old=torch.zeros(B, L),
+             features=torch.zeros(B, L, NUM_FEATURES), mask=torch.zeros(B, L, dtype=torch.bool), old=torch.zeros(B, L),
              actions=torch.zeros(B, L))
     for b, (p, r) in enumerate(zip(prompts, res.responses)):
         n, m = len(p), len(r)
@@ -70,10 +70,25 @@ def test_init_prob_and_backbone_weights(models):
     judge = ScoringModel.from_backbone(draft, init_accept_prob=0.8)
     assert torch.equal(judge.model.embed_tokens.weight, draft.model.embed_tokens.weight)
     ids = torch.tensor([random_prompts(1, max_len=20)[0] * 2])
-    logits = judge.decision_logits(ids, ids, ids.flip(1), torch.randn(1, ids.shape[1], 4))
+    logits = judge.decision_logits(ids, ids, ids.flip(1), torch.randn(1, ids.shape[1], NUM_FEATURES))
     assert torch.allclose(torch.sigmoid(logits[:, 1:]), torch.tensor(0.8), atol=1e-6)
     with pytest.raises(ValueError, match="init_accept_prob"):
         ScoringModel.from_backbone(draft, init_accept_prob=1.0)
+
+
+def test_a_judge_with_fewer_features_reads_the_first_columns(models):
+    """Feature columns are only ever appended (FEATURE_NAMES): a judge built with the first four
+    (before the look-ahead columns existed) scores the full feature tensor as it scored its four."""
+    _, draft = models
+    judge = ScoringModel.from_backbone(draft, num_features=4)
+    with torch.no_grad():
+        judge.score_head.weight.normal_(0, 0.5)
+    ids = torch.tensor([random_prompts(1, max_len=20, seed=2)[0] * 2])
+    feats = torch.randn(1, ids.shape[1], NUM_FEATURES)
+    with torch.no_grad():
+        torch.testing.assert_close(judge.decision_logits(ids, ids, ids.flip(1), feats),
+                                   judge.decision_logits(ids, ids, ids.flip(1), feats[..., :4]))
+    assert NUM_FEATURES > 4 and judge.score_head.in_features == 5 * draft.config.hidden_size + 4
 
 
 def test_only_lora_and_head_train(models):
@@ -89,7 +104,7 @@ def test_save_load_round_trip(models, tmp_path):
     _, draft = models
     judge = _noisy_lora_judge(draft)
     ids = torch.tensor([random_prompts(1, max_len=20, seed=4)[0] * 2])
-    feats = torch.randn(1, ids.shape[1], 4)
+    feats = torch.randn(1, ids.shape[1], NUM_FEATURES)
     with torch.no_grad():
         ref = judge.decision_logits(ids, ids, ids.roll(1, 1), feats)
     export_judge(judge, tmp_path / "judge")

@@ -283,6 +283,7 @@ def test_base_weight_sync(adapter_pair, prompts):
 def test_exported_judge_continues_as_actor(adapter_pair, tiny_world, tmp_path, prompts):
     """The server's Hugging Face export is a valid actor_rollout_ref.model.path (a run can start
     from a previous judge): rebuilt through the actor's recipe it scores like the server's judge."""
+    from spd_verl.spd import NUM_FEATURES
     from spd_verl.verl_ext.judge import build_judge
 
     _, server = adapter_pair
@@ -293,7 +294,7 @@ def test_exported_judge_continues_as_actor(adapter_pair, tiny_world, tmp_path, p
     rebuilt = build_judge(mc).eval()
     ids = torch.tensor([prompts[0] + [5, 9, 12, 4]])
     cands = torch.randint(0, 20, ids.shape, generator=torch.Generator().manual_seed(0))
-    feats = torch.randn(*ids.shape, 4, generator=torch.Generator().manual_seed(1))
+    feats = torch.randn(*ids.shape, NUM_FEATURES, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = server.judge(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits
         got = rebuilt(input_ids=ids, draft_tokens=cands, target_tokens=cands.flip(1), features=feats).logits

@@ -27,7 +27,7 @@ class DecisionRecord:
     target_tokens: list[int] = field(default_factory=list)
     actions: list[int] = field(default_factory=list)  # 1 accept / 0 reject
     logits: list[float] = field(default_factory=list)  # judge logits (NaN when no judge ran)
-    features: list[list[float]] = field(default_factory=list)  # [n, 4], see FEATURE_NAMES
+    features: list[list[float]] = field(default_factory=list)  # [n, F], see FEATURE_NAMES
     # 1 where a gate rejected whatever the policy chose (DecisionContext.forced): a mismatch, not a
     # decision of the policy, so it gets no log-prob or gradient in training.
     forced: list[int] = field(default_factory=list)
@@ -194,12 +194,14 @@ class SpeculativeDecoder:
             t_logp = torch.log_softmax(caches["target"].forward(block, block_valid).logits.float(), dim=-1)
             t = t_logp.argmax(dim=-1)  # [nb, γ+1]; t[:, j] = target's choice for draft position j
             mismatch = d != t[:, :gamma]
-            features = torch.stack([
-                t_logp[:, :gamma].gather(2, d[..., None]).squeeze(-1),
+            nxt = next_mismatch(mismatch)
+            t_lp_draft = t_logp[:, :gamma].gather(2, d[..., None]).squeeze(-1)
+            features = torch.cat([torch.stack([
+                t_lp_draft,
                 t_logp[:, :gamma].gather(2, t[:, :gamma, None]).squeeze(-1),
                 -(t_logp[:, :gamma].exp() * t_logp[:, :gamma]).sum(-1),
                 d_lp,
-            ], dim=-1)  # [nb, γ, 4]
+            ], dim=-1), run_features(nxt, t_lp_draft)], dim=-1)  # [nb, γ, F]
 
             # 3. Judge: one forward over the same block (its cache must follow the target's).
             judge_logits = None
@@ -228,7 +230,7 @@ class SpeculativeDecoder:
                                             for r, c in zip(mm_rows.tolist(), mm_cols.tolist())], dtype=torch.long),
                     draft_tokens=d[mm_rows, mm_cols], target_tokens=t[mm_rows, mm_cols],
                     logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes,
-                    gaps=(next_mismatch(mismatch)[mm_rows, mm_cols] - mm_cols).cpu() if policy.needs_gaps else None)
+                    gaps=(nxt[mm_rows, mm_cols] - mm_cols).cpu() if policy.needs_gaps else None)
                 acc = policy.decide(ctx).to(dev).bool()
                 if acc.shape != mm_rows.shape:
                     raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "
@@ -347,6 +349,21 @@ def next_mismatch(mismatch: torch.Tensor) -> torch.Tensor:
     # Reverse cumulative min gives the first mismatch at or after each column; shift by one.
     at_or_after = cols.flip(1).cummin(dim=1).values.flip(1)
     return torch.cat([at_or_after[:, 1:], torch.full_like(cols[:, :1], gamma)], dim=1)
+
+
+def run_features(nxt: torch.Tensor, target_logp_draft: torch.Tensor) -> torch.Tensor:
+    """The look-ahead columns of FEATURE_NAMES for every draft column of a block.
+
+    nxt: LongTensor[B, γ] (``next_mismatch``); target_logp_draft: [B, γ] the target's log-prob of
+    each draft token. -> [B, γ, 3]: run_fraction = (nxt - j) / γ, run_reaches_block_end = (nxt == γ),
+    run_min_target_logp = min of target_logp_draft over the columns j < k < nxt (0 when empty).
+    """
+    gamma = nxt.shape[1]
+    cols = torch.arange(gamma, device=nxt.device)
+    inside = (cols[None, None, :] > cols[None, :, None]) & (cols[None, None, :] < nxt[:, :, None])  # [B, j, k]
+    low = torch.where(inside, target_logp_draft[:, None, :], torch.inf).amin(dim=-1)
+    return torch.stack([(nxt - cols).float() / gamma, (nxt == gamma).float(),
+                        torch.where(inside.any(dim=-1), low, 0.0)], dim=-1)
 
 
 def decision_tensors(records: list[DecisionRecord], length: int, num_features: int = NUM_FEATURES) -> dict:
