@@ -355,14 +355,14 @@ def run_features(nxt: torch.Tensor, target_logp_draft: torch.Tensor) -> torch.Te
     """The look-ahead columns of FEATURE_NAMES for every draft column of a block.
 
     nxt: LongTensor[B, γ] (``next_mismatch``); target_logp_draft: [B, γ] the target's log-prob of
-    each draft token. -> [B, γ, 3]: run_fraction = (nxt - j) / γ, run_reaches_block_end = (nxt == γ),
+    each draft token. -> [B, γ, 3]: run_tokens = nxt - j, run_reaches_block_end = (nxt == γ),
     run_min_target_logp = min of target_logp_draft over the columns j < k < nxt (0 when empty).
     """
     gamma = nxt.shape[1]
     cols = torch.arange(gamma, device=nxt.device)
     inside = (cols[None, None, :] > cols[None, :, None]) & (cols[None, None, :] < nxt[:, :, None])  # [B, j, k]
     low = torch.where(inside, target_logp_draft[:, None, :], torch.inf).amin(dim=-1)
-    return torch.stack([(nxt - cols).float() / gamma, (nxt == gamma).float(),
+    return torch.stack([(nxt - cols).float(), (nxt == gamma).float(),
                         torch.where(inside.any(dim=-1), low, 0.0)], dim=-1)
 
 

@@ -14,13 +14,13 @@ import torch
 
 # Column order of DecisionContext.features (and of the ScoringModel's free features). All come from
 # the verification pass. The last three look down the block from the draft token (the run gate's
-# information, for the judge to weigh): how much of the block an accept keeps before the next
-# mismatch (fraction of γ), whether that run reaches the block's end, and the target's lowest
+# information, for the judge to weigh): how many draft tokens an accept keeps before the next
+# mismatch (in tokens, the unit of the gate's min_run), whether that run reaches the block's end, and the target's lowest
 # log-prob on the draft tokens of that run (0 when it has none): how sure the target is of the
 # continuation the draft's token leads into. A judge reads the first ``num_features`` columns,
 # so judges built with the first four still load and score as before.
 FEATURE_NAMES = ("target_logp_draft", "target_logp_target", "target_entropy", "draft_logp_draft",
-                 "run_fraction", "run_reaches_block_end", "run_min_target_logp")
+                 "run_tokens", "run_reaches_block_end", "run_min_target_logp")
 NUM_FEATURES = len(FEATURE_NAMES)
 
 
