@@ -3,6 +3,13 @@
     gated (default):  r = correct * (1 + alpha * accepted / max(1, mismatches)) - overlong_penalty * overlong
     correct_only:     r = correct - overlong_penalty * overlong             (the seed's reward)
     tau_bonus:        r = correct * (1 + alpha * (tau - 1) / (gamma)) - overlong_penalty * overlong
+    gated_run:        r = correct * (1 + alpha * accepted_run_tokens / response_length) - overlong_penalty * overlong
+
+``gated`` pays every accepted mismatch alike, so an accept the target disagrees with again at once
+(one token bought) earns what an accept that keeps the rest of the block earns, and a judge
+trained on it leans towards the short runs (README: Results, session 14). ``gated_run`` pays the
+draft tokens each accept kept before the block's next mismatch (``DecisionRecord.runs``): the share
+of the response the accepts bought, which is what τ counts.
 
 With correctness alone, rejecting everything is optimal (lossless SD is always right), so nothing
 is learned about accepting; the bonus is gated by correctness so a wrong answer never pays.
@@ -16,7 +23,7 @@ from fractions import Fraction
 
 _HASH_RE = re.compile(r"####\s*([^\n]*)")
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-REWARD_KINDS = ("gated", "correct_only", "tau_bonus")
+REWARD_KINDS = ("gated", "correct_only", "tau_bonus", "gated_run")
 
 
 def _boxed_contents(text: str) -> list[str]:
@@ -92,7 +99,8 @@ def is_correct(text: str, ground_truth) -> bool:
 class RewardConfig:
     kind: str = field(default="gated", metadata={"help": f"one of {REWARD_KINDS}"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the efficiency bonus (accepted-mismatch "
-                                                        "share for gated, normalised tau gain for tau_bonus)"})
+                                                        "share for gated, normalised tau gain for tau_bonus, "
+                                                        "share of the response bought by accepts for gated_run)"})
     overlong_penalty: float = field(default=0.5, metadata={"help": "subtracted when the response hits the "
                                                                    "length cap without finishing"})
 
@@ -109,12 +117,19 @@ class RewardConfig:
 
 def compute_spd_reward(response_text: str, ground_truth, *, mismatches: int, accepted_mismatches: int,
                        target_forwards: int, response_length: int, hit_length_cap: bool,
-                       gamma: int | None = None, cfg: RewardConfig | None = None) -> dict:
-    """One sequence's reward and each of its terms (every value a float, for logging)."""
+                       gamma: int | None = None, cfg: RewardConfig | None = None,
+                       accepted_run_tokens: int | None = None) -> dict:
+    """One sequence's reward and each of its terms (every value a float, for logging).
+
+    accepted_run_tokens: draft tokens the accepted mismatches kept (``DecisionRecord.accepted_run_tokens``);
+    needed by kind ``gated_run`` only."""
     cfg = cfg or RewardConfig()
     if accepted_mismatches > mismatches or min(mismatches, accepted_mismatches, target_forwards) < 0:
         raise ValueError(f"inconsistent decision counts: accepted_mismatches={accepted_mismatches}, "
                          f"mismatches={mismatches}, target_forwards={target_forwards}")
+    if accepted_run_tokens is not None and not (accepted_mismatches <= accepted_run_tokens <= response_length):
+        raise ValueError(f"inconsistent accepted_run_tokens={accepted_run_tokens}: each of the "
+                         f"{accepted_mismatches} accepts keeps >= 1 token of a {response_length}-token response")
     correct = float(is_correct(response_text, ground_truth))
     tau = response_length / target_forwards if target_forwards else 0.0
     if cfg.kind == "gated":
@@ -123,6 +138,11 @@ def compute_spd_reward(response_text: str, ground_truth, *, mismatches: int, acc
         if not gamma:
             raise ValueError("reward kind 'tau_bonus' needs gamma (num_speculative_tokens)")
         bonus = cfg.alpha * max(0.0, tau - 1.0) / gamma
+    elif cfg.kind == "gated_run":
+        if accepted_run_tokens is None:
+            raise ValueError("reward kind 'gated_run' needs accepted_run_tokens (the spd rollout's "
+                             "spd_accepted_run_tokens)")
+        bonus = cfg.alpha * accepted_run_tokens / max(1, response_length)
     else:
         bonus = 0.0
     overlong = float(hit_length_cap)
@@ -131,4 +151,5 @@ def compute_spd_reward(response_text: str, ground_truth, *, mismatches: int, acc
                 overlong_penalty=-cfg.overlong_penalty if overlong else 0.0, overlong=overlong, tau=tau,
                 mismatches=float(mismatches), accepted_mismatches=float(accepted_mismatches),
                 accepted_mismatch_rate=accepted_mismatches / mismatches if mismatches else 0.0,
-                response_length=float(response_length))
+                response_length=float(response_length),
+                **({} if accepted_run_tokens is None else {"accepted_run_tokens": float(accepted_run_tokens)}))

@@ -115,7 +115,7 @@ def test_decision_credit_signs_and_requests():
     out_of_step = dict(records, draft_tokens=[8, 4])
     with pytest.raises(ValueError, match="decision at response position 0 says token 8 but the response has 5"):
         _credit(generate, response, out_of_step)
-    with pytest.raises(ValueError, match="spd.credit needs reward kind 'gated' or 'correct_only'"):
+    with pytest.raises(ValueError, match="spd.credit needs reward kind 'gated', 'gated_run' or 'correct_only'"):
         _credit(generate, response, records, kind="tau_bonus", gamma=4)
 
 
@@ -133,6 +133,24 @@ def test_decision_credit_harmful_accept_and_gated_bonus():
 
     # gated (alpha 0.5): both right; taken = 1 accepted of 1 mismatch (1.5), flipped = 0 of 1 (1.0)
     assert _credit(harmless, [5, 10, 1, 2], records, kind="gated") == {0: 0.5}
+
+
+def test_decision_credit_gated_run_pays_the_tokens_an_accept_keeps():
+    # Response "5 7 3 #### 1 2": accepted mismatch at 0 kept 3 draft tokens (5 7 3) before the block's
+    # next mismatch; rejected one at 2 would have kept 1. Both branches stay right.
+    records = {"positions": [0, 2], "draft_tokens": [5, 4], "target_tokens": [6, 3], "actions": [1, 0],
+               "runs": [3, 1]}
+
+    async def harmless(prompt_ids, params):
+        return Continuation([10, 1, 2], mismatches=0, truncated=False)
+
+    cfg = dict(kind="gated_run")
+    out = _credit(harmless, [5, 7, 3, 10, 1, 2], records, **cfg)
+    # decision 0: taken = 3 tokens bought of 6 (0.5 * 3/6 with alpha 0.5), flipped = 0 of 4 tokens ([6] + rest)
+    # decision 2: taken (reject) = 3 of 6, flipped (accept, 1 more token) = 4 of 6
+    assert out == {0: pytest.approx(0.5 * 3 / 6), 2: pytest.approx(0.5 * 3 / 6 - 0.5 * 4 / 6)}
+    with pytest.raises(ValueError, match="'gated_run' needs the decision records' runs"):
+        _credit(harmless, [5, 7, 3, 10, 1, 2], {k: v for k, v in records.items() if k != "runs"}, **cfg)
 
 
 def test_soft_risk_and_number_tokens():

@@ -174,6 +174,12 @@ def test_stored_features_look_down_the_block(models):
     res = dec.generate(random_prompts(6, seed=11), RunGated(AcceptAll(), 3), max_new_tokens=23)
     rows = [(f, a) for rec in res.decisions for f, a in zip(rec.features, rec.actions)]
     assert rows and all(len(f) == NUM_FEATURES for f, _ in rows)
+    # runs: the look-ahead run (cut where the response ends, for an accept); a reject's is what an
+    # accept would have kept
+    for rec, resp in zip(res.decisions, res.responses):
+        for r, f, p, a in zip(rec.runs, rec.features, rec.positions, rec.actions):
+            assert r == min(int(f[4]), len(resp) - p) if a else 1 <= r <= f[4]
+    assert res.stats["accepted_run_tokens"] == sum(r.accepted_run_tokens for r in res.decisions) > 0
     ends = [(f, a) for f, a in rows if f[5] == 1.0]
     assert ends and all(a == int(f[4] >= 3) for f, a in ends)
     assert all(1 <= f[4] <= gamma and f[6] <= 0 for f, _ in rows)

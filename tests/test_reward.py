@@ -45,6 +45,16 @@ def test_other_reward_kinds():
     assert tb["score"] == pytest.approx(1.0 + (3.0 - 1.0) / 4)
     with pytest.raises(ValueError, match="needs gamma"):
         compute_spd_reward("#### 12", "12", cfg=RewardConfig(kind="tau_bonus"), **kw)
+    # gated_run: 12 of the 30 tokens were kept by the 4 accepts
+    gr = compute_spd_reward("#### 12", "12", cfg=RewardConfig(kind="gated_run", alpha=0.5), accepted_run_tokens=12, **kw)
+    assert gr["score"] == pytest.approx(1.0 + 0.5 * 12 / 30) and gr["accepted_run_tokens"] == 12.0
+    assert compute_spd_reward("#### 13", "12", cfg=RewardConfig(kind="gated_run"), accepted_run_tokens=12,
+                              **kw)["score"] == 0.0
+    with pytest.raises(ValueError, match="'gated_run' needs accepted_run_tokens"):
+        compute_spd_reward("#### 12", "12", cfg=RewardConfig(kind="gated_run"), **kw)
+    for bad in (3, 31):  # fewer tokens than accepts, or more than the response
+        with pytest.raises(ValueError, match=f"inconsistent accepted_run_tokens={bad}"):
+            compute_spd_reward("#### 12", "12", cfg=RewardConfig(kind="gated_run"), accepted_run_tokens=bad, **kw)
 
 
 def test_bad_reward_input():

@@ -17,7 +17,8 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
 
 
-def _item(tokenizer, text, gt, mismatches=4, accepted=2, forwards=5, truncated=False, reward_model=None):
+def _item(tokenizer, text, gt, mismatches=4, accepted=2, forwards=5, truncated=False, reward_model=None,
+          run_tokens=None):
     from verl import DataProto
 
     resp = tokenizer.encode(text) + [tokenizer.eos_token_id]
@@ -32,7 +33,8 @@ def _item(tokenizer, text, gt, mismatches=4, accepted=2, forwards=5, truncated=F
         non_tensors={"reward_model": np.array([rm], dtype=object), "data_source": np.array(["spd_arith"]),
                      "extra_info": np.array([{"index": 17}], dtype=object),
                      "spd_mismatches": np.array([mismatches]), "spd_accepted_mismatches": np.array([accepted]),
-                     "spd_target_forwards": np.array([forwards]), "spd_truncated": np.array([truncated])})
+                     "spd_target_forwards": np.array([forwards]), "spd_truncated": np.array([truncated]),
+                     **({} if run_tokens is None else {"spd_accepted_run_tokens": np.array([run_tokens])})})
 
 
 def test_run_single_reports_every_term(tokenizer):
@@ -45,6 +47,15 @@ def test_run_single_reports_every_term(tokenizer):
     assert info["tau"] == pytest.approx(9 / 5)  # 8 words + EOS over 5 target forwards
     wrong = mgr.loop.run_until_complete(mgr.run_single(_item(tokenizer, "#### 1 3", "12", truncated=True)))
     assert wrong["reward_score"] == pytest.approx(-0.5) and wrong["reward_extra_info"]["overlong"] == 1.0
+
+
+def test_run_single_gated_run_reads_the_accepted_run_tokens(tokenizer):
+    cfg = OmegaConf.create({"spd": {"reward": {"kind": "gated_run", "alpha": 1.0}}})
+    mgr = SPDRewardManager(cfg, tokenizer, None)
+    out = mgr.loop.run_until_complete(mgr.run_single(_item(tokenizer, "so it is 1 2 #### 1 2", "12", run_tokens=3)))
+    assert out["reward_score"] == pytest.approx(1 + 3 / 9) and out["reward_extra_info"]["accepted_run_tokens"] == 3
+    with pytest.raises(ValueError, match="'gated_run' needs accepted_run_tokens"):
+        mgr.loop.run_until_complete(mgr.run_single(_item(tokenizer, "#### 1 2", "12")))
 
 
 def test_row_without_ground_truth_is_named(tokenizer):

@@ -342,6 +342,7 @@ def test_sampled_requests_behind_the_run_gate_train_only_on_real_decisions(adapt
         rec = out.extra_fields[DECISIONS_KEY]
         assert out.extra_fields["spd_forced_rejects"] == sum(rec["forced"])
         assert out.extra_fields["spd_mismatches"] == len(rec["positions"])
+        assert out.extra_fields["spd_accepted_run_tokens"] == sum(r for r, a in zip(rec["runs"], rec["actions"]) if a)
         for p, a, f in zip(rec["positions"], rec["actions"], rec["forced"]):
             assert row["response_mask"][p] == (0 if f else 1)
             if f:

@@ -31,6 +31,10 @@ class DecisionRecord:
     # 1 where a gate rejected whatever the policy chose (DecisionContext.forced): a mismatch, not a
     # decision of the policy, so it gets no log-prob or gradient in training.
     forced: list[int] = field(default_factory=list)
+    # Draft tokens an accept here keeps (kept, for a reject) before the block's next mismatch, the
+    # block's end, the token budget or an EOS: what accepting buys in this block (the ``gated_run``
+    # reward pays these; the credit's flipped branches read them for the rejects).
+    runs: list[int] = field(default_factory=list)
     target_forwards: int = 0
 
     @property
@@ -44,6 +48,10 @@ class DecisionRecord:
     @property
     def forced_rejects(self) -> int:
         return sum(self.forced)
+
+    @property
+    def accepted_run_tokens(self) -> int:
+        return sum(r for r, a in zip(self.runs, self.actions) if a)
 
 
 @dataclass
@@ -256,7 +264,7 @@ class SpeculativeDecoder:
             emit_tok = torch.where(cols[None] < r[:, None], torch.cat([d, t[:, gamma:]], dim=1), t)
             emit_lp = t_logp.gather(2, emit_tok[..., None]).squeeze(-1).tolist()
             r_list, d_list, t_list = r.tolist(), d.tolist(), t.tolist()
-            mm_list, acc_list, forced_list = mismatch.tolist(), accept.tolist(), forced.tolist()
+            mm_list, acc_list, forced_list, nxt_list = mismatch.tolist(), accept.tolist(), forced.tolist(), nxt.tolist()
             lg_list = judge_logits.tolist() if use_judge else None
             f_list = features.tolist()
             done = []
@@ -281,6 +289,7 @@ class SpeculativeDecoder:
                         rec.logits.append(lg_list[i][j] if use_judge else float("nan"))
                         rec.features.append(f_list[i][j])
                         rec.forced.append(int(forced_list[i][j]))
+                        rec.runs.append(_run_length(d_list[i], j, min(nxt_list[i][j], room), eos))
                 responses[b].extend(emitted[:cut])
                 target_lps[b].extend(emit_lp[i][:cut])
                 counters["draft_proposed"] += gamma
@@ -330,10 +339,12 @@ class SpeculativeDecoder:
         mism = sum(rec.mismatches for rec in records)
         acc = sum(rec.accepted_mismatches for rec in records)
         forced = sum(rec.forced_rejects for rec in records)
+        runs = sum(rec.accepted_run_tokens for rec in records)
         return dict(
             sequences=len(responses), emitted_tokens=emitted, target_forwards=forwards,
             tau=emitted / max(1, forwards), mismatches=mism, accepted_mismatches=acc,
             accepted_mismatch_rate=acc / mism if mism else 0.0, forced_rejects=forced,
+            accepted_run_tokens=runs,
             draft_acceptance_rate=counters["draft_kept"] / max(1, counters["draft_proposed"]),
             mean_response_length=emitted / max(1, len(responses)),
             target_forwards_per_sequence=forwards / max(1, len(responses)),
@@ -349,6 +360,15 @@ def next_mismatch(mismatch: torch.Tensor) -> torch.Tensor:
     # Reverse cumulative min gives the first mismatch at or after each column; shift by one.
     at_or_after = cols.flip(1).cummin(dim=1).values.flip(1)
     return torch.cat([at_or_after[:, 1:], torch.full_like(cols[:, :1], gamma)], dim=1)
+
+
+def _run_length(draft: list[int], j: int, end: int, eos: set[int]) -> int:
+    """Draft tokens kept by an accept at block column ``j`` when the block stops at column ``end``:
+    up to and including the first EOS among them."""
+    for k in range(j, end):
+        if draft[k] in eos:
+            return k + 1 - j
+    return end - j
 
 
 def run_features(nxt: torch.Tensor, target_logp_draft: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,14 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
     ``soft_in_delta=False`` (soft_center) leaves the term out of δ: the trainer adds it, centred.
     """
     if reward_cfg.kind == "tau_bonus":
-        raise ValueError("spd.credit needs reward kind 'gated' or 'correct_only': a branch's target forwards "
+        raise ValueError("spd.credit needs reward kind 'gated', 'gated_run' or 'correct_only': a branch's target forwards "
                          "over the shared prefix are not recorded, so its tau_bonus cannot be computed")
     positions, actions = records["positions"], [int(a) for a in records["actions"]]
+    runs = records.get("runs")
+    if reward_cfg.kind == "gated_run" and runs is None:
+        raise ValueError("spd.credit with reward kind 'gated_run' needs the decision records' runs "
+                         "(the spd rollout's spd_decisions.runs)")
+    bought = [int(r) * a for r, a in zip(runs, actions)] if runs is not None else None  # tokens each accept kept
     forced = records.get("forced") or [0] * len(positions)  # a gate's rejects are not the judge's to credit
     candidates = [j for j, p in enumerate(positions) if p + 1 < max_tokens and not forced[j]]
     weights = None
@@ -186,27 +191,29 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
     if not chosen:
         return {}
 
-    def reward(tokens, mismatches, accepted, truncated) -> float:
+    def reward(tokens, mismatches, accepted, truncated, run_tokens=None) -> float:
         text = tokenizer.decode(list(tokens), skip_special_tokens=True)
         return compute_spd_reward(text, ground_truth, mismatches=mismatches, accepted_mismatches=accepted,
                                   target_forwards=0, response_length=len(tokens), hit_length_cap=truncated,
-                                  gamma=gamma, cfg=reward_cfg)["score"]
+                                  gamma=gamma, cfg=reward_cfg, accepted_run_tokens=run_tokens)["score"]
 
     params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
     soft = soft_coef > 0
     if soft and (response_target_logprobs is None or not number_ids):
         raise ValueError("spd.credit.soft_coef > 0 needs the rollout's target log-probs and the number token ids")
 
-    async def branch(prefix, mismatches, accepted) -> tuple[float, float]:
-        """Reward of prefix + its lossless continuation (``mismatches``/``accepted`` so far), and the
-        continuation's soft risk (0 when off)."""
+    async def branch(prefix, mismatches, accepted, run_tokens) -> tuple[float, float]:
+        """Reward of prefix + its lossless continuation (``mismatches``/``accepted``/``run_tokens`` so
+        far), and the continuation's soft risk (0 when off)."""
         cont = await generate(list(prompt_ids) + prefix, {**params, "max_tokens": max_tokens - len(prefix)})
         risk = soft_risk(cont.token_ids, cont.target_logprobs or [], number_ids) if soft else 0.0
-        return reward(prefix + list(cont.token_ids), mismatches + cont.mismatches, accepted, cont.truncated), risk
+        return reward(prefix + list(cont.token_ids), mismatches + cont.mismatches, accepted, cont.truncated,
+                      run_tokens), risk
 
     async def rollout(pos) -> tuple[float, float]:
         risk = soft_risk(response_ids[pos + 1:], response_target_logprobs[pos + 1:], number_ids) if soft else 0.0
-        return reward(response_ids, len(positions), sum(actions), rollout_truncated), risk
+        return reward(response_ids, len(positions), sum(actions), rollout_truncated,
+                      sum(bought) if bought is not None else None), risk
 
     jobs = []  # per chosen decision: its taken branch, then its flipped branch
     for j in chosen:
@@ -217,10 +224,15 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
             raise ValueError(f"decision at response position {pos} says token {taken} but the response has "
                              f"{response_ids[pos]}: decision records and tokens are out of step")
         head, accepted_before = list(response_ids[:pos]), sum(actions[:j])
+        # gated_run: an accept in a branch buys its run (the target agrees with those draft tokens,
+        # so the lossless rest writes them too); a branch has no later accepts.
+        runs_before = sum(bought[:j]) if bought is not None else None
+        run_as = (lambda accepts: None if bought is None else runs_before + int(runs[j]) * accepts)
         # With no accepted mismatch after it, the rollout continued exactly as lossless decoding
         # would (same tokens, same budget): the rollout itself is the "taken" branch.
-        jobs.append(branch(head + [taken], j + 1, accepted_before + a) if any(actions[j + 1:]) else rollout(pos))
-        jobs.append(branch(head + [other], j + 1, accepted_before + 1 - a))
+        jobs.append(branch(head + [taken], j + 1, accepted_before + a, run_as(a))
+                    if any(actions[j + 1:]) else rollout(pos))
+        jobs.append(branch(head + [other], j + 1, accepted_before + 1 - a, run_as(1 - a)))
     values = await asyncio.gather(*jobs)  # issued together: the server batches them
     out = {}
     for k, j in enumerate(chosen):

@@ -15,6 +15,7 @@ from ..reward import RewardConfig, compute_spd_reward
 
 # Written per sequence by the spd agent loop into non_tensor_batch.
 SPD_STAT_KEYS = ("spd_mismatches", "spd_accepted_mismatches", "spd_target_forwards", "spd_truncated")
+RUN_TOKENS_KEY = "spd_accepted_run_tokens"  # needed by the gated_run reward only
 
 
 def reward_config_from(config) -> RewardConfig:
@@ -44,7 +45,7 @@ class SPDRewardManager(RewardManagerBase):
         # non_tensor_batch["tool_extra_fields"] (a dict per sample); accept top-level keys too.
         extra_fields = nt.get("tool_extra_fields")
         if isinstance(extra_fields, dict) and all(k in extra_fields for k in SPD_STAT_KEYS):
-            nt = {**nt, **{k: extra_fields[k] for k in SPD_STAT_KEYS}}
+            nt = {**nt, **{k: extra_fields[k] for k in (*SPD_STAT_KEYS, RUN_TOKENS_KEY) if k in extra_fields}}
         missing = [k for k in SPD_STAT_KEYS if k not in nt]
         if missing:
             raise KeyError(f"SPDRewardManager needs the spd rollout's per-sequence fields {missing}; "
@@ -56,7 +57,8 @@ class SPDRewardManager(RewardManagerBase):
         terms = compute_spd_reward(
             text, rm["ground_truth"], mismatches=int(nt["spd_mismatches"]),
             accepted_mismatches=int(nt["spd_accepted_mismatches"]), target_forwards=int(nt["spd_target_forwards"]),
-            response_length=length, hit_length_cap=bool(nt["spd_truncated"]), gamma=self.gamma, cfg=self.reward_cfg)
+            response_length=length, hit_length_cap=bool(nt["spd_truncated"]), gamma=self.gamma, cfg=self.reward_cfg,
+            accepted_run_tokens=None if nt.get(RUN_TOKENS_KEY) is None else int(nt[RUN_TOKENS_KEY]))
         return {"reward_score": terms["score"], "reward_extra_info": terms}
 
 
