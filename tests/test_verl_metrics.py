@@ -22,6 +22,9 @@ def test_training_metrics_pool_over_sequences():
     extras[0]["spd_forced_rejects"], extras[1]["spd_forced_rejects"] = 3, 0
     gated = spd_summary(rows_from_extra_fields(extras, [15, 9]), "spd")
     assert gated["spd/forced_reject_rate"] == pytest.approx(3 / 4)
+    assert "spd/tokens_per_accept" not in gated
+    extras[0]["spd_accepted_run_tokens"], extras[1]["spd_accepted_run_tokens"] = 5, 0
+    assert spd_summary(rows_from_extra_fields(extras, [15, 9]), "spd")["spd/tokens_per_accept"] == 5.0
 
 
 def test_validation_metrics_from_reward_terms():
@@ -30,4 +33,7 @@ def test_validation_metrics_from_reward_terms():
     m = spd_summary(rows_from_reward_infos(infos), "val-spd")
     assert m["val-spd/tau"] == pytest.approx(16 / 6) and m["val-spd/accepted_mismatch_rate"] == 0.5
     assert m["val-spd/accuracy"] == 1.0 and m["val-spd/truncated_rate"] == 0.5
+    assert "val-spd/tokens_per_accept" not in m
+    m = spd_summary(rows_from_reward_infos({**infos, "accepted_run_tokens": [6.0, 0.0]}), "val-spd")
+    assert m["val-spd/tokens_per_accept"] == 3.0
     assert spd_summary(rows_from_reward_infos({"correct": [1.0]}), "val-spd") == {}

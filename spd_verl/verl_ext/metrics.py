@@ -13,8 +13,8 @@ def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
         return {}
     n = len(rows)
     total = {k: sum(float(r.get(k) or 0.0) for r in rows)
-             for k in ("mismatches", "accepted_mismatches", "forced_rejects", "target_forwards", "response_length",
-                       "truncated")}
+             for k in ("mismatches", "accepted_mismatches", "forced_rejects", "accepted_run_tokens", "target_forwards",
+                       "response_length", "truncated")}
     out = {
         "tau": total["response_length"] / total["target_forwards"] if total["target_forwards"] else 0.0,
         "mismatches_per_seq": total["mismatches"] / n,
@@ -26,6 +26,9 @@ def spd_summary(rows: list[dict], prefix: str) -> dict[str, float]:
         "truncated_rate": total["truncated"] / n,
         "sequences_without_decision": sum(1 for r in rows if not r.get("mismatches")) / n,
     }
+    if total["accepted_mismatches"] and any(r.get("accepted_run_tokens") is not None for r in rows):
+        # draft tokens an accept kept in its block, on average: what an accept buys (gated_run pays it)
+        out["tokens_per_accept"] = total["accepted_run_tokens"] / total["accepted_mismatches"]
     if any(r.get("forced_rejects") is not None for r in rows):  # behind a run gate (rollout.min_accept_run)
         out["forced_reject_rate"] = total["forced_rejects"] / total["mismatches"] if total["mismatches"] else 0.0
     batch = [float(r["batch_size"]) for r in rows if r.get("batch_size") is not None]
@@ -52,6 +55,7 @@ def rows_from_extra_fields(extra_fields: list[dict], response_lengths: list[int]
         reward_info = extra.get("reward_extra_info") or {}
         rows.append(dict(mismatches=extra.get("spd_mismatches"), accepted_mismatches=extra.get("spd_accepted_mismatches"),
                          forced_rejects=extra.get("spd_forced_rejects"),
+                         accepted_run_tokens=extra.get("spd_accepted_run_tokens"),
                          target_forwards=extra.get("spd_target_forwards"), truncated=extra.get("spd_truncated"),
                          response_length=length, correct=reward_info.get("correct"),
                          batch_size=extra.get("spd_batch_size"), branches=extra.get("spd_branches"),
@@ -74,5 +78,6 @@ def rows_from_reward_infos(infos: dict[str, list]) -> list[dict]:
         rows.append(dict(mismatches=infos["mismatches"][i], accepted_mismatches=infos["accepted_mismatches"][i],
                          target_forwards=length / tau if tau else 0.0, response_length=length,
                          truncated=(infos.get("overlong") or [None] * (i + 1))[i],
+                         accepted_run_tokens=(infos.get("accepted_run_tokens") or [None] * (i + 1))[i],
                          correct=(infos.get("correct") or [None] * (i + 1))[i]))
     return rows
