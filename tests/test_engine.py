@@ -191,7 +191,8 @@ def test_next_mismatch_and_run_gate_by_hand():
     # Row 0: mismatches at positions 10, 12 of a block ending at 15; row 1: 20, 21, block end 26.
     ctx = DecisionContext(rows=torch.tensor([0, 0, 1, 1]), positions=torch.tensor([10, 12, 20, 21]),
                           draft_tokens=torch.tensor([5, 6, 7, 8]), target_tokens=torch.tensor([1, 2, 3, 4]),
-                          logits=None, features=torch.zeros(4, 4), gaps=torch.tensor([2, 3, 1, 5]))
+                          logits=None, features=torch.zeros(4, NUM_FEATURES))
+    ctx.features[:, 4] = torch.tensor([2.0, 3.0, 1.0, 5.0])  # run_tokens: to the block's next mismatch or end
     assert RunGated(AcceptAll(), 3).decide(ctx).tolist() == [True, True, True, True]
     assert RunGated(AcceptAll(), 4).decide(ctx).tolist() == [False, False, True, True]
 

@@ -237,8 +237,7 @@ class SpeculativeDecoder:
                     positions=torch.tensor([len(responses[active[r]]) + c
                                             for r, c in zip(mm_rows.tolist(), mm_cols.tolist())], dtype=torch.long),
                     draft_tokens=d[mm_rows, mm_cols], target_tokens=t[mm_rows, mm_cols],
-                    logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes,
-                    gaps=(nxt[mm_rows, mm_cols] - mm_cols).cpu() if policy.needs_gaps else None)
+                    logits=lg, features=features[mm_rows, mm_cols], prefixes=prefixes)
                 acc = policy.decide(ctx).to(dev).bool()
                 if acc.shape != mm_rows.shape:
                     raise ValueError(f"policy {policy.name!r} returned {tuple(acc.shape)} decisions for "
@@ -389,8 +388,8 @@ def run_features(nxt: torch.Tensor, target_logp_draft: torch.Tensor) -> torch.Te
 def decision_tensors(records: list[DecisionRecord], length: int, num_features: int = NUM_FEATURES) -> dict:
     """Decision records -> tensors [B, length] aligned with right-padded responses.
 
-    Keys: decision_mask (float 1 at decisions, not at a gate's forced rejects), draft_tokens, target_tokens (long, 0 elsewhere),
-    actions (float), old_logits (float), features [B, length, F].
+    Keys: decision_mask (float 1 at decisions, not at a gate's forced rejects), draft_tokens,
+    target_tokens (long, 0 elsewhere), actions (float), old_logits (float), features [B, length, F].
     """
     B = len(records)
     out = dict(

@@ -22,6 +22,7 @@ import torch
 FEATURE_NAMES = ("target_logp_draft", "target_logp_target", "target_entropy", "draft_logp_draft",
                  "run_tokens", "run_reaches_block_end", "run_min_target_logp")
 NUM_FEATURES = len(FEATURE_NAMES)
+RUN_TOKENS = FEATURE_NAMES.index("run_tokens")  # the column RunGated reads
 
 
 @dataclass
@@ -34,10 +35,6 @@ class DecisionContext:
     target_tokens: LongTensor[N]
     logits:        FloatTensor[N] judge logits, or None when the policy needs no judge
     features:      FloatTensor[N, F] see FEATURE_NAMES (free: computed during verification)
-    gaps:          LongTensor[N]  block columns from this mismatch to the block's next one, or to
-                   the block's end: the draft tokens an accept keeps (itself included) when the
-                   next mismatch is rejected. Free: verification already compared them all.
-                   Only filled when the policy sets ``needs_gaps``.
     prefixes:      prompt + response before the draft token, per decision; only filled
                    when the policy sets ``needs_prefix``
     forced:        BoolTensor[N] written by a gate (RunGated) in ``decide``: True where the gate
@@ -52,14 +49,12 @@ class DecisionContext:
     logits: torch.Tensor | None
     features: torch.Tensor
     prefixes: list[list[int]] | None = None
-    gaps: torch.Tensor | None = None
     forced: torch.Tensor | None = None
 
 
 class Policy:
     needs_judge: bool = False
     needs_prefix: bool = False
-    needs_gaps: bool = False  # DecisionContext.gaps, computed only for policies that read them
     name: str = "policy"
 
     def decide(self, ctx: DecisionContext) -> torch.Tensor:  # pragma: no cover - interface
@@ -164,9 +159,9 @@ class RunGated(Policy):
 
     A mismatch whose accept could not keep ``min_run`` tokens is rejected whatever ``policy`` says:
     ``decide`` marks it in ``ctx.forced``, so a judge trained behind the gate (sampled decisions)
-    learns only from the mismatches where its choice is carried out."""
+    learns only from the mismatches where its choice is carried out.
 
-    needs_gaps = True
+    The run to the block's next mismatch is the ``run_tokens`` feature column."""
 
     def __init__(self, policy: Policy, min_run: int):
         if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
@@ -176,11 +171,13 @@ class RunGated(Policy):
         self.name = f"{policy.name} run>={min_run}"
 
     def decide(self, ctx):
-        if ctx.gaps is None:
-            raise ValueError(f"{self.name} needs DecisionContext.gaps (filled by SpeculativeDecoder)")
+        if ctx.features.shape[-1] <= RUN_TOKENS:
+            raise ValueError(f"{self.name} reads the run_tokens feature (column {RUN_TOKENS} of FEATURE_NAMES); "
+                             f"DecisionContext.features has only {ctx.features.shape[-1]} columns")
         ok = self.policy.decide(ctx).cpu().bool()
         out, forced = torch.zeros_like(ok), torch.zeros_like(ok)
-        rows, pos, gaps = ctx.rows.tolist(), ctx.positions.tolist(), ctx.gaps.tolist()
+        rows, pos = ctx.rows.tolist(), ctx.positions.tolist()
+        gaps = ctx.features[:, RUN_TOKENS].long().tolist()
         stop = {}  # row -> where the run of an accept at the current mismatch ends
         for k in sorted(range(len(rows)), key=lambda k: (rows[k], -pos[k])):  # each row last-first
             end = stop.setdefault(rows[k], pos[k] + gaps[k])  # the row's last mismatch: the block's end
