@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spd_verl.eval.calibrate import calibrate
+from spd_verl.eval.calibrate import COARSE_GRID, calibrate
 from spd_verl.eval.data import load_eval_judge, load_rows
 from spd_verl.eval.sweep import Rule, evaluate, judge_rule
 from spd_verl.spd import RejectAll
@@ -33,10 +33,14 @@ def main(argv=None):
                     help="comma-separated steps to calibrate (default: every saved judge)")
     ap.add_argument("--min-runs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
                     help="run gates the calibration chooses among with the threshold (spd.RunGated; 1 = none)")
+    ap.add_argument("--grid", type=lambda v: tuple(float(x) for x in v.split(",")), default=COARSE_GRID,
+                    help="the coarse stage's thresholds (default: spd_verl.eval.calibrate.COARSE_GRID)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
+    if any(not 0.0 < t < 1.0 for t in args.grid):
+        raise SystemExit(f"--grid {args.grid}: every threshold must be in (0, 1)")
     if any(m < 1 or m > args.gamma for m in args.min_runs):
         raise SystemExit(f"--min-runs {args.min_runs}: every gate must be in [1, --gamma {args.gamma}]")
     exports = judge_exports(args.checkpoints)
@@ -58,7 +62,7 @@ def main(argv=None):
     for step, path in exports:
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
-                                       fine_rows=calib, min_runs=args.min_runs, **kw)
+                                       fine_rows=calib, min_runs=args.min_runs, grid=args.grid, **kw)
         rec = dict(step=step, judge=str(path), pick=pick, coarse=coarse, fine=fine)
         if pick is None:
             print(f"| {step} | none keeps the bar | — | — |")
@@ -71,7 +75,7 @@ def main(argv=None):
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, held_out_lossless=lossless,
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=args.grid, held_out_lossless=lossless,
                                             checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 

@@ -128,3 +128,14 @@ def test_fresh_rows_are_disjoint_and_deterministic(probe, world):
     held = {r["prompt"][0]["content"] for s in ("train", "val", "test", "calib") for r in load_rows(world.split(s))}
     assert not held & {r["prompt"][0]["content"] for r in rows}
     assert all(r["ground_truth"].lstrip("-").isdigit() for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "0,0.5"], "--grid"),
+    (["--grid", "0.02,1.0"], "--grid"),
+    (["--min-runs", "1,9", "--gamma", "8"], "--min-runs"),
+])
+def test_calibrate_checkpoints_rejects_bad_settings(tmp_path, args, message):
+    cal = _script("calibrate_checkpoints")
+    with pytest.raises(SystemExit, match=message):
+        cal.main([str(tmp_path), *args])
