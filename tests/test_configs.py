@@ -53,12 +53,12 @@ def test_bad_rollout_settings_fail_naming_the_key(override, message):
 
 
 def test_demo_eval_settings():
-    """The demo's held-out evaluation: γ 8 with the run gates 1 and 5; a gate longer than the
+    """The demo's held-out evaluation: γ 8 with the run gates 1, 3, 4 and 5; a gate longer than the
     evaluation's γ names the key before anything runs."""
     from spd_verl.train import eval_gamma, eval_min_runs
 
     cfg = _compose("spd_demo")
-    assert (eval_gamma(cfg), eval_min_runs(cfg, eval_gamma(cfg))) == (8, [1, 5])
+    assert (eval_gamma(cfg), eval_min_runs(cfg, eval_gamma(cfg))) == (8, [1, 3, 4, 5])
     assert cfg.actor_rollout_ref.rollout.min_accept_run == 1  # training's validation is not gated
     cfg = _compose("spd_demo", ["spd.eval.num_speculative_tokens=4"])
     with pytest.raises(ValueError, match=r"spd.eval.min_runs must be <= num_speculative_tokens \(4\)"):
