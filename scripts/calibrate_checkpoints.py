@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from spd_verl.eval.__main__ import _floats, _run_gates
 from spd_verl.eval.calibrate import COARSE_GRID, calibrate
 from spd_verl.eval.data import load_eval_judge, load_rows
 from spd_verl.eval.sweep import Rule, evaluate, judge_rule
@@ -31,17 +32,15 @@ def main(argv=None):
                     "a judge trained at 6 can be calibrated and evaluated at 8)")
     ap.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")],
                     help="comma-separated steps to calibrate (default: every saved judge)")
-    ap.add_argument("--min-runs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+    ap.add_argument("--min-runs", type=_run_gates, default=[1],
                     help="run gates the calibration chooses among with the threshold (spd.RunGated; 1 = none)")
-    ap.add_argument("--grid", type=lambda v: tuple(float(x) for x in v.split(",")), default=COARSE_GRID,
+    ap.add_argument("--grid", type=_floats("--grid"), default=COARSE_GRID,
                     help="the coarse stage's thresholds (default: spd_verl.eval.calibrate.COARSE_GRID)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
-    if any(not 0.0 < t < 1.0 for t in args.grid):
-        raise SystemExit(f"--grid {args.grid}: every threshold must be in (0, 1)")
-    if any(m < 1 or m > args.gamma for m in args.min_runs):
+    if any(m > args.gamma for m in args.min_runs):
         raise SystemExit(f"--min-runs {args.min_runs}: every gate must be in [1, --gamma {args.gamma}]")
     exports = judge_exports(args.checkpoints)
     if args.steps is not None:
@@ -75,8 +74,8 @@ def main(argv=None):
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=args.grid, held_out_lossless=lossless,
-                                            checkpoints=records), indent=1, default=str))
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid),
+                                            held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 
 

@@ -7,7 +7,7 @@ from spd_verl.scoring_model import ScoringModel
 from spd_verl.spd import (AcceptAll, BernoulliPolicy, DecisionContext, RejectAll, RunGated, SpeculativeDecoder,
                           TargetProbPolicy, ThresholdPolicy, TypicalPolicy)
 from spd_verl.spd.engine import decision_tensors, next_mismatch, run_features
-from spd_verl.spd.policies import NUM_FEATURES, Policy
+from spd_verl.spd.policies import NUM_FEATURES, RUN_TOKENS, Policy
 from tiny import EOS, greedy, perturbed, random_prompts, tiny_llama
 
 
@@ -192,7 +192,7 @@ def test_next_mismatch_and_run_gate_by_hand():
     ctx = DecisionContext(rows=torch.tensor([0, 0, 1, 1]), positions=torch.tensor([10, 12, 20, 21]),
                           draft_tokens=torch.tensor([5, 6, 7, 8]), target_tokens=torch.tensor([1, 2, 3, 4]),
                           logits=None, features=torch.zeros(4, NUM_FEATURES))
-    ctx.features[:, 4] = torch.tensor([2.0, 3.0, 1.0, 5.0])  # run_tokens: to the block's next mismatch or end
+    ctx.features[:, RUN_TOKENS] = torch.tensor([2.0, 3.0, 1.0, 5.0])  # to the block's next mismatch or end
     assert RunGated(AcceptAll(), 3).decide(ctx).tolist() == [True, True, True, True]
     assert RunGated(AcceptAll(), 4).decide(ctx).tolist() == [False, False, True, True]
 

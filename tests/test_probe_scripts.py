@@ -135,7 +135,8 @@ def test_fresh_rows_are_disjoint_and_deterministic(probe, world):
     (["--grid", "0.02,1.0"], "--grid"),
     (["--min-runs", "1,9", "--gamma", "8"], "--min-runs"),
 ])
-def test_calibrate_checkpoints_rejects_bad_settings(tmp_path, args, message):
+def test_calibrate_checkpoints_rejects_bad_settings(tmp_path, capsys, args, message):
     cal = _script("calibrate_checkpoints")
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exc:
         cal.main([str(tmp_path), *args])
+    assert message in f"{exc.value}{capsys.readouterr().err}"  # argparse reports on stderr

@@ -70,6 +70,9 @@ def rows_from_reward_infos(infos: dict[str, list]) -> list[dict]:
     needed = ("mismatches", "accepted_mismatches", "tau", "response_length")
     if not all(k in infos for k in needed):
         return []
+    def optional(key: str, i: int):  # a term the reward kind may not report
+        return (infos.get(key) or [None] * (i + 1))[i]
+
     rows = []
     for i in range(len(infos["tau"])):
         tau, length = infos["tau"][i], infos["response_length"][i]
@@ -77,7 +80,6 @@ def rows_from_reward_infos(infos: dict[str, list]) -> list[dict]:
             continue
         rows.append(dict(mismatches=infos["mismatches"][i], accepted_mismatches=infos["accepted_mismatches"][i],
                          target_forwards=length / tau if tau else 0.0, response_length=length,
-                         truncated=(infos.get("overlong") or [None] * (i + 1))[i],
-                         accepted_run_tokens=(infos.get("accepted_run_tokens") or [None] * (i + 1))[i],
-                         correct=(infos.get("correct") or [None] * (i + 1))[i]))
+                         truncated=optional("overlong", i), accepted_run_tokens=optional("accepted_run_tokens", i),
+                         correct=optional("correct", i)))
     return rows
