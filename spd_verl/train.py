@@ -170,6 +170,20 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     return rows
 
 
+def show_training_curve(metrics_file: Path, csv_file: Path) -> None:
+    """The SPD metrics every 10 steps as a table, and every metric as CSV, from verl's file logger
+    (nothing when the config's ``trainer.logger`` has no ``file``)."""
+    from spd_verl.eval.training_log import curve_table, load_metrics, write_metrics_csv
+
+    if not metrics_file.exists():
+        return
+    records = load_metrics(metrics_file)
+    table = curve_table(records)
+    if table:
+        print(f"training curve ({metrics_file}):\n{table}")
+    print(f"wrote {write_metrics_csv(records, csv_file)}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="spd-train", description=__doc__.split("\n\n")[0],
                                  epilog="Unrecognised arguments are Hydra overrides for main_ppo.")
@@ -191,6 +205,7 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
+    metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
     cmd = main_ppo_command(args.config_name, out, overrides)
     cfg = None if args.no_eval else compose(args.config_name, overrides)
     if cfg is not None:
@@ -199,6 +214,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)
     print(f"main_ppo finished rc={rc} in {time.time() - t0:.0f} s", flush=True)
+    show_training_curve(metrics_file, out / "training_metrics.csv")
     if rc != 0 or args.no_eval:
         return rc
     judge_dir = latest_judge(out / "checkpoints")

@@ -60,6 +60,7 @@ def first_run(tiny_world, tmp_path_factory):
 
 
 def test_two_step_grpo_run(first_run):
+    from spd_verl.eval.training_log import curve_table, load_metrics
     from spd_verl.scoring_model import load_judge
 
     out, proc, records = first_run
@@ -79,6 +80,9 @@ def test_two_step_grpo_run(first_run):
         assert math.isfinite(by_step[step]["spd/credit_soft_mean_delta"])
     for step in (0, 2):
         assert all(k in by_step[step] for k in VAL_METRICS), sorted(by_step[step])
+    # spd-train's training curve reads verl's file-logger records as they are written
+    table = curve_table(load_metrics(out / "metrics.jsonl")).splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["0", "1", "2"], table
     # The actor's recomputed decision log-probs equal the rollout's: ratio 1 before any update.
     assert by_step[1]["training/rollout_probs_diff_max"] < 1e-5
     assert max(by_step[s]["actor/grad_norm"] for s in (1, 2)) > 0
