@@ -170,12 +170,13 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     return rows
 
 
-def show_training_curve(metrics_file: Path, csv_file: Path) -> None:
-    """The SPD metrics every 10 steps as a table, and every metric as CSV, from verl's file logger
-    (nothing when the config's ``trainer.logger`` has no ``file``)."""
+def show_training_curve(metrics_file: Path, csv_file: Path, since: float = 0.0) -> None:
+    """The SPD metrics every 10 steps as a table, and every metric as CSV, from verl's file logger;
+    nothing when the config's ``trainer.logger`` has no ``file`` (no file written after ``since``,
+    so an earlier run's file in the same directory is not shown as this one's)."""
     from spd_verl.eval.training_log import curve_table, load_metrics, write_metrics_csv
 
-    if not metrics_file.exists():
+    if not metrics_file.exists() or metrics_file.stat().st_mtime < since:
         return
     records = load_metrics(metrics_file)
     table = curve_table(records)
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)
     print(f"main_ppo finished rc={rc} in {time.time() - t0:.0f} s", flush=True)
-    show_training_curve(metrics_file, out / "training_metrics.csv")
+    show_training_curve(metrics_file, out / "training_metrics.csv", since=t0)
     if rc != 0 or args.no_eval:
         return rc
     judge_dir = latest_judge(out / "checkpoints")

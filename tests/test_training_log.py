@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 
 import pytest
 
@@ -63,3 +64,6 @@ def test_spd_train_shows_the_curve_and_writes_the_csv(tmp_path, capsys):
     assert "training curve" in out and "| 20 | 4.200 |" in out and (tmp_path / "training_metrics.csv").exists()
     show_training_curve(tmp_path / "absent.jsonl", tmp_path / "none.csv")  # no file logger: nothing to show
     assert not (tmp_path / "none.csv").exists()
+    # an earlier run's file (written before this run started) is not this run's curve
+    show_training_curve(tmp_path / "metrics.jsonl", tmp_path / "stale.csv", since=time.time() + 60)
+    assert not (tmp_path / "stale.csv").exists()
