@@ -29,10 +29,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CALIBRATION_TOL = 0.01  # the target's bar: accuracy within 1 point of lossless
 
 
-def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[str]:
+def check_config_name(config_name: str) -> None:
     if not (CONFIG_DIR / f"{config_name}.yaml").exists():
         raise FileNotFoundError(f"no config {config_name}.yaml in {CONFIG_DIR} (spd-train runs from a source "
                                 f"checkout of spd_verl; or call verl.trainer.main_ppo with --config-path yourself)")
+
+
+def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[str]:
+    check_config_name(config_name)
     return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG_DIR),
             "--config-name", config_name, f"trainer.default_local_dir={out / 'checkpoints'}", *overrides]
 
@@ -170,6 +174,17 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     return rows
 
 
+def with_file_logger(cfg, overrides: list[str]) -> list[str]:
+    """``overrides`` plus verl's ``file`` logger in ``trainer.logger`` (kept: the config's and the
+    user's loggers), so that every run of spd-train records its metrics for the training curve."""
+    loggers = cfg.trainer.logger
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+    if "file" in loggers:
+        return list(overrides)
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("trainer.logger=")]
+    return [*kept, f"trainer.logger=[{','.join([*loggers, 'file'])}]"]
+
+
 def show_training_curve(metrics_file: Path, csv_file: Path, since: float = 0.0) -> None:
     """The SPD metrics every 10 steps as a table, and every metric as CSV, from verl's file logger;
     nothing when the config's ``trainer.logger`` has no ``file`` (no file written after ``since``,
@@ -207,10 +222,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
     metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
-    cmd = main_ppo_command(args.config_name, out, overrides)
-    cfg = None if args.no_eval else compose(args.config_name, overrides)
-    if cfg is not None:
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory
+    check_config_name(args.config_name)
+    cfg = compose(args.config_name, overrides)
+    if not args.no_eval:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
+    cmd = main_ppo_command(args.config_name, out, with_file_logger(cfg, overrides))
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)

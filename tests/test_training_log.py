@@ -67,3 +67,27 @@ def test_spd_train_shows_the_curve_and_writes_the_csv(tmp_path, capsys):
     # an earlier run's file (written before this run started) is not this run's curve
     show_training_curve(tmp_path / "metrics.jsonl", tmp_path / "stale.csv", since=time.time() + 60)
     assert not (tmp_path / "stale.csv").exists()
+
+
+def test_spd_train_adds_the_file_logger_and_keeps_the_others(tmp_path, monkeypatch):
+    import subprocess
+
+    from spd_verl import train
+
+    cfg = train.compose("spd_demo", [])
+    assert list(cfg.trainer.logger) == ["console"]  # the plain verl command writes no metrics file
+    assert train.with_file_logger(cfg, ["a=1"]) == ["a=1", "trainer.logger=[console,file]"]
+    user = ["trainer.logger=[console,tensorboard]"]
+    assert train.with_file_logger(train.compose("spd_demo", user), user) == ["trainer.logger=[console,tensorboard,file]"]
+    user = ["trainer.logger=[file]"]
+    assert train.with_file_logger(train.compose("spd_demo", user), user) == user
+
+    calls = []
+    monkeypatch.delenv("VERL_FILE_LOGGER_PATH", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 1)  # main_ppo "fails"
+    out = tmp_path / "not" / "yet"
+    assert train.main(["--out", str(out), "trainer.total_training_steps=3"]) == 1
+    cmd, env = calls[0]
+    assert cmd[-2:] == ["trainer.total_training_steps=3", "trainer.logger=[console,file]"]
+    # verl's file logger opens this path without making its directory: spd-train makes it
+    assert env["VERL_FILE_LOGGER_PATH"] == str(out.resolve() / "metrics.jsonl") and out.is_dir()
