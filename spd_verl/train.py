@@ -29,14 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CALIBRATION_TOL = 0.01  # the target's bar: accuracy within 1 point of lossless
 
 
-def check_config_name(config_name: str) -> None:
-    if not (CONFIG_DIR / f"{config_name}.yaml").exists():
-        raise FileNotFoundError(f"no config {config_name}.yaml in {CONFIG_DIR} (spd-train runs from a source "
-                                f"checkout of spd_verl; or call verl.trainer.main_ppo with --config-path yourself)")
-
-
 def main_ppo_command(config_name: str, out: Path, overrides: list[str]) -> list[str]:
-    check_config_name(config_name)
     return [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG_DIR),
             "--config-name", config_name, f"trainer.default_local_dir={out / 'checkpoints'}", *overrides]
 
@@ -56,6 +49,9 @@ def latest_judge(checkpoints: Path) -> Path:
 
 
 def compose(config_name: str, overrides: list[str]):
+    if not (CONFIG_DIR / f"{config_name}.yaml").exists():
+        raise FileNotFoundError(f"no config {config_name}.yaml in {CONFIG_DIR} (spd-train runs from a source "
+                                f"checkout of spd_verl; or call verl.trainer.main_ppo with --config-path yourself)")
     import spd_verl.verl_ext.register  # noqa: F401  (config resolvers)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -221,13 +217,12 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         env.setdefault("VERL_PLATFORM", "cpu")  # spd_verl's CPU platform for verl
-    metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory
-    check_config_name(args.config_name)
     cfg = compose(args.config_name, overrides)
     if not args.no_eval:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
     cmd = main_ppo_command(args.config_name, out, with_file_logger(cfg, overrides))
+    metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, env=env)
