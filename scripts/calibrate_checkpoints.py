@@ -36,6 +36,9 @@ def main(argv=None):
                     help="run gates the calibration chooses among with the threshold (spd.RunGated; 1 = none)")
     ap.add_argument("--grid", type=_floats("--grid"), default=COARSE_GRID,
                     help="the coarse stage's thresholds (default: spd_verl.eval.calibrate.COARSE_GRID)")
+    ap.add_argument("--fine-tol", type=float, default=None,
+                    help="accuracy tolerance of the pick on the calib split (default: the target's 0.01; "
+                    "spd.eval.fine_tol)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
@@ -61,7 +64,7 @@ def main(argv=None):
     for step, path in exports:
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
-                                       fine_rows=calib, min_runs=args.min_runs, grid=args.grid, **kw)
+                                       fine_rows=calib, fine_tol=args.fine_tol, min_runs=args.min_runs, grid=args.grid, **kw)
         rec = dict(step=step, judge=str(path), pick=pick, coarse=coarse, fine=fine)
         if pick is None:
             print(f"| {step} | none keeps the bar | — | — |")
@@ -74,7 +77,7 @@ def main(argv=None):
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid),
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid), fine_tol=args.fine_tol,
                                             held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 

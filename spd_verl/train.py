@@ -101,6 +101,20 @@ def eval_min_runs(cfg, gamma: int) -> list[int]:
     return list(runs)
 
 
+def eval_fine_tol(cfg) -> float:
+    """Accuracy tolerance of the calibration's pick on the calib split: ``spd.eval.fine_tol``, or
+    the target's 1 point when null. Smaller is a safety margin for the held-out bar."""
+    from omegaconf import OmegaConf
+
+    tol = OmegaConf.select(cfg, "spd.eval.fine_tol", default=None)
+    if tol is None:
+        return CALIBRATION_TOL
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol <= CALIBRATION_TOL:
+        raise ValueError(f"spd.eval.fine_tol must be a number in [0, {CALIBRATION_TOL:g}] (a margin inside the "
+                         f"target's bar of {CALIBRATION_TOL:g}), got {tol!r}")
+    return float(tol)
+
+
 def rollout_min_run(cfg) -> int:
     from omegaconf import OmegaConf
 
@@ -147,10 +161,13 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
             if path is not None and path.resolve() == Path(test_file).resolve():
                 raise ValueError(f"calibration file {path} is the held-out test file: calibrate on held-in data")
         fine_rows = load_rows(fine_file) if fine_file is not None else None
+        fine_tol = eval_fine_tol(cfg)
         pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
-                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, min_runs=min_runs, **kw)
-        print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file))
+                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs,
+                                       **kw)
+        print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol))
         record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
+                      fine_tol=fine_tol,
                       calibration_pick=pick, calibration_coarse=coarse, calibration_fine=fine)
         if pick is not None and (pick["setting"], pick["min_run"]) != settings[0]:
             settings.append((pick["setting"], pick["min_run"]))
@@ -220,6 +237,7 @@ def main(argv=None) -> int:
     cfg = compose(args.config_name, overrides)
     if not args.no_eval:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
+        eval_fine_tol(cfg)
     cmd = main_ppo_command(args.config_name, out, with_file_logger(cfg, overrides))
     metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory

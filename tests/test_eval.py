@@ -497,6 +497,7 @@ def test_held_out_eval_chooses_a_run_gate(world, tmp_path, capsys):
     assert rows[1]["name"] == "judge@0.5 run>=2"
     if len(rows) == 3:
         assert rows[2]["name"] == pick["name"] and f"{pick['name']} (chosen on val.parquet) acc" in capsys.readouterr().out
+    assert record["fine_tol"] == 0.01  # spd.eval.fine_tol absent: the target's bar
     for bad, match in (([4], "must be <= num_speculative_tokens"), ([0], "must be an integer >= 1"),
                        ([], "must be a non-empty list"), (2, "must be a non-empty list")):
         cfg.spd.eval.min_runs = bad
@@ -512,6 +513,8 @@ def test_spd_train_rejects_a_bad_eval_gamma_before_training(tmp_path, monkeypatc
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("main_ppo started"))
     with pytest.raises(ValueError, match=r"spd.eval.num_speculative_tokens must be an integer >= 1 .* got 0"):
         train.main(["--out", str(tmp_path), "spd.eval.num_speculative_tokens=0"])
+    with pytest.raises(ValueError, match=r"spd.eval.fine_tol must be a number in \[0, 0.01\] .* got 0.05"):
+        train.main(["--out", str(tmp_path), "spd.eval.fine_tol=0.05"])
 
 
 def test_fine_window():
@@ -665,6 +668,15 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
     assert (out["threshold"], out["min_run"], out["coarse"]["threshold"], out["coarse"]["min_run"]) == (0.125, 5, 0.2, 1)
     with pytest.raises(ValueError, match="min_runs must be integers >= 1"):
         calibrate(None, None, object(), None, "val", min_runs=(0,))
+    # A margin inside the bar on the larger set (fine_tol 0: lossless accuracy there): the coarse
+    # stage and its windows are the same, the pick is the more conservative 0.175 behind gate 5.
+    pick, coarse_m, fine_m = calibrate(None, None, object(), None, "val", grid=(0.1, 0.2, 0.3, 0.5),
+                                       fine_rows="big", fine_points=5, min_runs=(1, 5), fine_tol=0.0)
+    assert coarse_m == coarse and [r["name"] for r in fine_m] == [r["name"] for r in fine]
+    assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.175, 5, 4.1)
+    assert summary(pick, coarse_m, fine_m, 0.01, 0.0)["tol"] == 0.0
+    with pytest.raises(ValueError, match=r"fine_tol must be in \[0, tol=0.01\]"):
+        calibrate(None, None, object(), None, "val", fine_rows="big", fine_tol=0.02)
 
 
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
@@ -674,6 +686,8 @@ def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
     assert main(cli_args(world, tmp_path / "b", extra=["--calibrate-on", str(calib),
                                                        "--calibrate-fine", str(world["data"])])) == 2
     assert "--calibrate-fine" in capsys.readouterr().err
+    assert main(cli_args(world, tmp_path / "c", extra=["--calibrate-on", str(calib), "--fine-tol", "0.005"])) == 2
+    assert "--fine-tol is the bar of the --calibrate-fine stage" in capsys.readouterr().err
 
 
 def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_path, monkeypatch):

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--tol", type=float, default=0.01, help="accuracy tolerance of the verdicts (0.01 = 1 point)")
+    p.add_argument("--fine-tol", type=float, default=None,
+                   help="accuracy tolerance of the pick on --calibrate-fine (default: --tol); a tighter one is a "
+                        "safety margin for the held-out bar")
     p.add_argument("--calibrate-on", type=Path,
                    help="calibration parquet (validation data, not --data): choose the judge threshold with the "
                         "most tau whose accuracy there stays within --tol of lossless, and add it to the sweep")
@@ -133,6 +136,8 @@ def run(args, log=print) -> dict:
     calibration = None
     if args.calibrate_fine is not None and args.calibrate_on is None:
         raise ValueError("--calibrate-fine is the second stage of --calibrate-on: pass --calibrate-on VAL too")
+    if args.fine_tol is not None and args.calibrate_fine is None:
+        raise ValueError("--fine-tol is the bar of the --calibrate-fine stage: pass --calibrate-fine CALIB too")
     if args.calibrate_on is not None:
         if judge is None:
             raise ValueError("--calibrate-on chooses a judge threshold: pass --judge DIR")
@@ -208,11 +213,11 @@ def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> di
             raise ValueError(f"{flag} {path} is the evaluated --data: calibrate on validation data")
     fine_rows = load_rows(args.calibrate_fine) if args.calibrate_fine is not None else None
     pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
-                                   fine_rows=fine_rows, min_runs=args.min_runs, gamma=args.gamma,
+                                   fine_rows=fine_rows, fine_tol=args.fine_tol, min_runs=args.min_runs, gamma=args.gamma,
                                    max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress)
-    log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine))
-    return summary(pick, coarse, fine, args.tol)
+    log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine, fine_tol=args.fine_tol))
+    return summary(pick, coarse, fine, args.tol, args.fine_tol)
 
 
 def main(argv=None) -> int:

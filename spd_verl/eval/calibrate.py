@@ -85,12 +85,12 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
     return [round(lo + (hi - lo) * k / (points + 1), 6) for k in range(1, points + 1)]
 
 
-def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float) -> dict:
+def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, fine_tol: float | None = None) -> dict:
     """What was chosen where, from a :func:`calibrate` result: the set the pick was made on (the
     fine one when there is one), plus the coarse stage's own pick when there were two stages."""
     rows = fine or coarse
     base = lossless(rows)
-    out = dict(n=base["n"], tol=tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
+    out = dict(n=base["n"], tol=tol if not fine or fine_tol is None else fine_tol, lossless_accuracy=base["accuracy"], lossless_tau=base["tau"],
                thresholds=[r["setting"] for r in _judge_rows(rows)],
                min_runs=sorted({_min_run(r) for r in _judge_rows(rows)}))
     if fine:
@@ -123,12 +123,13 @@ def _gate(row: dict) -> str:
     return f", run >= {_min_run(row)}" if _min_run(row) > 1 else ""
 
 
-def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, source, fine_source=None) -> str:
+def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, source, fine_source=None,
+            fine_tol: float | None = None) -> str:
     """:func:`report` of a :func:`calibrate` result: the coarse table, then the fine one if any."""
     if not fine:
         return report(pick, coarse, tol, source)
     return "\n".join([report(pick_threshold(coarse, tol), coarse, tol, source, stage="coarse stage"),
-                      report(pick, fine, tol, fine_source, stage="calibration")])
+                      report(pick, fine, tol if fine_tol is None else fine_tol, fine_source, stage="calibration")])
 
 
 def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: int | None = None) -> list[float]:
@@ -161,7 +162,7 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: i
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
-              min_runs=(1,), **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
+              fine_tol: float | None = None, min_runs=(1,), **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
 
@@ -172,12 +173,20 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     pick: ``min_runs[0]``) are added one at a time until one does (or the grid ends). The
     refinement without ``fine_rows`` stays at the coarse pick's gate.
 
+    ``fine_tol`` (default ``tol``): the bar of the pick on ``fine_rows``. A tighter one than the
+    target's ``tol`` is a safety margin: a pick right at the bar of 400 problems loses about as
+    many answers on a fresh set as the bar allows, so it keeps the bar there only about half the
+    time (README: Results, session 17). The coarse stage keeps ``tol``: it only places the windows.
+
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
     from spd_verl.spd import RejectAll
 
     from .sweep import Rule, evaluate, judge_rule
 
+    fine_tol = tol if fine_tol is None else fine_tol
+    if not 0.0 <= fine_tol <= tol:
+        raise ValueError(f"fine_tol must be in [0, tol={tol:g}] (a margin inside the target's bar), got {fine_tol!r}")
     min_runs = list(min_runs)
     if not min_runs or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in min_runs):
         raise ValueError(f"min_runs must be integers >= 1 (1 = no run gate), got {min_runs!r}")
@@ -220,10 +229,10 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
         top = max(r["setting"] for r in _judge_rows(fine, gate))
         for t in (t for t in sorted(grid) if t > top):
-            if pick_threshold(fine, tol) is not None:
+            if pick_threshold(fine, fine_tol) is not None:
                 break
             run([t], fine_rows, fine, gate)
-        return pick_threshold(fine, tol), coarse, fine
+        return pick_threshold(fine, fine_tol), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
         run(finer, rows, coarse, gate)
