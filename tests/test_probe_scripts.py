@@ -1,7 +1,9 @@
 """The rules of scripts/probe_context_rules.py (README figures, session 9), on the committed demo
-world, and the checkpoint lookup scripts/calibrate_checkpoints.py shares with spd-train."""
+world, the checkpoint lookup scripts/calibrate_checkpoints.py shares with spd-train, and the fresh
+problems and record reading of scripts/fresh_check.py (session 17)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,37 @@ def test_calibrate_checkpoints_rejects_bad_settings(tmp_path, capsys, args, mess
     with pytest.raises(SystemExit) as exc:
         cal.main([str(tmp_path), *args])
     assert message in f"{exc.value}{capsys.readouterr().err}"  # argparse reports on stderr
+
+
+@pytest.fixture(scope="module")
+def fresh_check():
+    return _script("fresh_check")
+
+
+def test_fresh_check_draws_problems_no_model_saw(fresh_check, world):
+    probs = fresh_check.fresh_problems(40, seed=11)
+    assert len(probs) == 40 and [p.question for p in probs] == [p.question for p in fresh_check.fresh_problems(40, 11)]
+    committed = {r["prompt"][0]["content"] for s in ("train", "val", "test", "calib") for r in load_rows(world.split(s))}
+    assert committed <= fresh_check.held_questions()  # the whole training draw, not only the committed part
+    assert not fresh_check.held_questions() & {p.question for p in probs}
+    with pytest.raises(ValueError, match="only 0 of 10 fresh problems are disjoint"):
+        fresh_check.fresh_problems(10, seed=1)  # generator seed 1 is the world's training draw
+
+
+def test_fresh_check_reads_both_record_formats(fresh_check, tmp_path):
+    pick = dict(name="judge@0.4", setting=0.4, min_run=1, accuracy=0.975, tau=5.0)
+    run = tmp_path / "runX"
+    run.mkdir()
+    held = [dict(name="reject_all"), dict(name="judge@0.2"), dict(name="judge@0.4", accuracy=0.99)]
+    (run / "held_out_eval.json").write_text(json.dumps(dict(judge="J", gamma=8, calibration_pick=pick, held_out=held)))
+    (tmp_path / "recal.json").write_text(json.dumps(dict(gamma=10, checkpoints=[
+        dict(step=60, judge="K", pick=pick, held_out=None)])))
+    (a,), (b,) = fresh_check.picks(run / "held_out_eval.json"), fresh_check.picks(tmp_path / "recal.json")
+    assert (a["name"], a["judge"], a["gamma"], a["held_out"]["accuracy"]) == ("runX", "J", 8, 0.99)
+    assert (b["name"], b["judge"], b["gamma"], b["held_out"]) == ("recal step 60", "K", 10, None)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither spd-train's held_out_eval.json nor a calibrate_checkpoints.py"):
+        fresh_check.picks(tmp_path / "other.json")
+    (run / "held_out_eval.json").write_text(json.dumps(dict(judge="J", gamma=8, calibration_pick=None, held_out=held)))
+    with pytest.raises(ValueError, match=r"no calibrated pick for \['runX'\]"):
+        fresh_check.picks(run / "held_out_eval.json")
