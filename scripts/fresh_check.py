@@ -54,7 +54,8 @@ def picks(path: Path) -> list[dict]:
         entries = [(path.parent.name, rec["judge"], rec["calibration_pick"], held)]
         gamma = rec["gamma"]
     elif "checkpoints" in rec:  # calibrate_checkpoints.py --out
-        entries = [(f"{path.stem} step {c['step']}", c["judge"], c["pick"], c.get("held_out")) for c in rec["checkpoints"]]
+        entries = [(f"{path.stem} step {c['step']}", c["judge"], c["pick"], c.get("held_out"))
+                   for c in rec["checkpoints"]]
         gamma = rec["gamma"]
     else:
         raise ValueError(f"{path}: neither spd-train's held_out_eval.json nor a calibrate_checkpoints.py record")

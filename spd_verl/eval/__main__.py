@@ -213,8 +213,8 @@ def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> di
             raise ValueError(f"{flag} {path} is the evaluated --data: calibrate on validation data")
     fine_rows = load_rows(args.calibrate_fine) if args.calibrate_fine is not None else None
     pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(args.calibrate_on), tol=args.tol,
-                                   fine_rows=fine_rows, fine_tol=args.fine_tol, min_runs=args.min_runs, gamma=args.gamma,
-                                   max_new_tokens=args.max_new_tokens,
+                                   fine_rows=fine_rows, fine_tol=args.fine_tol, min_runs=args.min_runs,
+                                   gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress)
     log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine, fine_tol=args.fine_tol))
     return summary(pick, coarse, fine, args.tol, args.fine_tol)
