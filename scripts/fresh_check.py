@@ -23,8 +23,8 @@ from pathlib import Path
 from spd_verl.eval.data import load_eval_judge, load_rows
 from spd_verl.eval.sweep import Rule, evaluate, judge_rule
 from spd_verl.spd import RejectAll
-from spd_verl.world import load_world, problems
-from spd_verl.world.build import HOUSE_STYLES, N_TRAIN_COMMITTED, TARGET, split_problems, to_rows, write_parquet
+from spd_verl.world import build, load_world
+from spd_verl.world.build import HOUSE_STYLES, TARGET, split_problems, to_rows, training_draw_size, write_parquet
 from spd_verl.world.train import ModelSpec
 
 
@@ -32,18 +32,13 @@ from spd_verl.world.train import ModelSpec
 def held_questions(world_seed: int = 0) -> frozenset:
     """Every question of the world's train (all of it, as the models' training drew it, not only the
     committed 20,000), val, test and calib lists."""
-    n_train = max(ModelSpec(**{**TARGET, "steps": HOUSE_STYLES["target_steps"]}).batch_size
-                  * HOUSE_STYLES["target_steps"], N_TRAIN_COMMITTED)
-    return frozenset(p.question for split in split_problems(world_seed, n_train) for p in split)
+    tspec = ModelSpec(**{**TARGET, "steps": HOUSE_STYLES["target_steps"]})
+    return frozenset(p.question for split in split_problems(world_seed, training_draw_size(tspec)) for p in split)
 
 
 def fresh_problems(n: int, seed: int, world_seed: int = 0) -> list:
     """``n`` problems from generator ``seed``, none of whose questions is in :func:`held_questions`."""
-    held = held_questions(world_seed)
-    drawn = [p for p in problems.generate(n + n // 5 + 100, seed) if p.question not in held][:n]
-    if len(drawn) < n:
-        raise ValueError(f"only {len(drawn)} of {n} fresh problems are disjoint from the world's splits")
-    return drawn
+    return build.fresh_problems(n, seed, held_questions(world_seed))
 
 
 def picks(path: Path) -> list[dict]:

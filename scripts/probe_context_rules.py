@@ -175,13 +175,10 @@ class OperandOrderNonDigit(NonDigitRule):
 
 def fresh_rows(world, n: int, seed: int) -> list[dict]:
     """n problems drawn like the world's splits, none of whose questions is in train/val/test/calib."""
-    from spd_verl.world import problems
-    from spd_verl.world.build import to_rows
+    from spd_verl.world.build import fresh_problems, to_rows
 
     held = {r["prompt"][0]["content"] for s in ("train", "val", "test", "calib") for r in load_rows(world.split(s))}
-    drawn = [p for p in problems.generate(n + n // 5 + 100, seed) if p.question not in held][:n]
-    if len(drawn) < n:
-        raise ValueError(f"only {len(drawn)} of {n} fresh problems are disjoint from the world's splits")
+    drawn = fresh_problems(n, seed, held)
     return [normalize_row(r, i) for i, r in enumerate(to_rows(drawn, "fresh"))]
 
 

@@ -61,6 +61,21 @@ def split_problems(seed: int, n_train: int):
     return train, val, test, calib
 
 
+def training_draw_size(tspec) -> int:
+    """How many training problems :func:`build` draws for a target ``ModelSpec`` (one pass, no
+    repeats); the committed train split is the first ``N_TRAIN_COMMITTED`` of them."""
+    return max(tspec.steps * tspec.batch_size, N_TRAIN_COMMITTED)
+
+
+def fresh_problems(n: int, seed: int, held) -> list:
+    """``n`` problems from generator ``seed``, drawn like the splits, none of whose questions is in
+    ``held`` (e.g. every split's questions): for measurements beyond the committed splits."""
+    drawn = [p for p in P.generate(n + n // 5 + 100, seed) if p.question not in held][:n]
+    if len(drawn) < n:
+        raise ValueError(f"only {len(drawn)} of {n} fresh problems are disjoint from the world's splits")
+    return drawn
+
+
 def to_rows(problems, split: str) -> list[dict]:
     return [dict(
         data_source=P.DATA_SOURCE,
@@ -105,7 +120,7 @@ def build(out: Path, seed: int = 0, target_steps: int | None = None,
         draft_steps = draft_steps or HOUSE_STYLES["draft_steps"]
     tspec = ModelSpec(**{**TARGET, **({"steps": target_steps} if target_steps else {})})
     dspec = ModelSpec(**{**DRAFT, **({"steps": draft_steps} if draft_steps else {})})
-    n_train = max(tspec.steps * tspec.batch_size, N_TRAIN_COMMITTED)
+    n_train = training_draw_size(tspec)
     train, val, test, calib = split_problems(seed, n_train)
     for name, probs in (("train", train[:N_TRAIN_COMMITTED]), ("val", val), ("test", test), ("calib", calib)):
         write_parquet(to_rows(probs, name), out / "data" / f"{name}.parquet")
