@@ -45,7 +45,7 @@ def picks(path: Path) -> list[dict]:
     """(name, judge dir, gamma, pick row, held-out row) of every pick recorded in ``path``."""
     rec = json.loads(path.read_text())
     if "calibration_pick" in rec:  # spd-train's held_out_eval.json
-        held = next((r for r in rec["held_out"][1:] if r["name"] == (rec["calibration_pick"] or {}).get("name")), None)
+        held = next((r for r in reversed(rec["held_out"][1:]) if r["name"] == (rec["calibration_pick"] or {}).get("name")), None)
         entries = [(path.parent.name, rec["judge"], rec["calibration_pick"], held)]
         gamma = rec["gamma"]
     elif "checkpoints" in rec:  # calibrate_checkpoints.py --out

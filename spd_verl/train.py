@@ -115,6 +115,45 @@ def eval_fine_tol(cfg) -> float:
     return float(tol)
 
 
+def eval_batch_size(cfg) -> int:
+    """Prompts per generate call of the held-out evaluation and its calibration:
+    ``spd.eval.batch_size``, or spd-eval's 32 when null. On a CPU the tiny demo models decode 400
+    problems about twice as fast in one batch as in batches of 32, with the same results (README:
+    Engine speed); on GPUs a batch is bounded by the target's KV cache."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.verl_ext.config import check_int_at_least_1
+
+    size = OmegaConf.select(cfg, "spd.eval.batch_size", default=None)
+    check_int_at_least_1(size, "spd.eval.batch_size", nullable=True)
+    return 32 if size is None else size
+
+
+def eval_judges(cfg, exports: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """The saved judges (``exports``: (step, dir) by step, from :func:`judge_exports`) whose
+    calibrations compete for the held-out evaluation: ``spd.eval.steps``, a list of steps or
+    ``all``; null = the last judge alone. The training step is then chosen with the threshold, on the
+    same held-in data (README: Results, session 18)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    steps = OmegaConf.select(cfg, "spd.eval.steps", default=None)
+    if steps is None:
+        return exports[-1:]
+    if steps == "all":
+        return list(exports)
+    if (not isinstance(steps, (list, tuple, ListConfig)) or not len(steps)
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in steps)):
+        raise ValueError(f"spd.eval.steps must be null, 'all' or a non-empty list of training steps, got {steps!r}")
+    if not exports:  # checked before training: only the form can be
+        return []
+    saved = {step: path for step, path in exports}
+    missing = sorted(set(steps) - set(saved))
+    if missing:
+        raise ValueError(f"spd.eval.steps {missing}: no judge export for those steps (saved: {sorted(saved)}); "
+                         f"trainer.save_freq decides which steps are saved")
+    return [(step, saved[step]) for step in sorted(set(steps))]
+
+
 def rollout_min_run(cfg) -> int:
     from omegaconf import OmegaConf
 
@@ -133,10 +172,12 @@ def fine_calibration_file(calibration_file: Path | None, test_file: Path) -> Pat
 
 def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                   calibration_file: Path | None = None, fine_file: Path | None = None,
-                  out_json: Path | None = None) -> list[dict]:
+                  out_json: Path | None = None, earlier: list[tuple[int, Path]] = ()) -> list[dict]:
     """reject_all and the judge at ``rollout.score_threshold`` (behind ``rollout.min_accept_run``) on
     the held-out set; with a ``calibration_file``, also the judge at the threshold and run gate
     chosen there (in a fine window on ``fine_file`` after the coarse grid, when given).
+    ``earlier``: (step, dir) of other saved judges calibrated the same way; the one whose pick has
+    the most τ on the calibration set (ties: the later) is the one evaluated at its pick.
     ``out_json``: every table printed, as JSON."""
     from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
@@ -150,10 +191,11 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     draft = load_causal_lm(ro.draft_model_path, "draft")
     target = load_causal_lm(ro.target_model_path, "target")
     tokenizer = load_tokenizer(ro.target_model_path)
-    judge = load_eval_judge(judge_dir, target)
-    kw = dict(gamma=gamma, max_new_tokens=cfg.data.max_response_length,
+    judge = last = load_eval_judge(judge_dir, target)
+    kw = dict(gamma=gamma, max_new_tokens=cfg.data.max_response_length, batch_size=eval_batch_size(cfg),
               eos_token_id=eos_token_id(tokenizer, target))
     settings = [(ro.score_threshold, rollout_min_run(cfg))]
+    pick = None
     record = {"judge": str(judge_dir), "test_file": str(test_file), "gamma": gamma, "min_runs": min_runs,
               "calibration_file": None}
     if calibration_file is not None:
@@ -161,23 +203,41 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
             if path is not None and path.resolve() == Path(test_file).resolve():
                 raise ValueError(f"calibration file {path} is the held-out test file: calibrate on held-in data")
         fine_rows = load_rows(fine_file) if fine_file is not None else None
+        calib_rows = load_rows(calibration_file)
         fine_tol = eval_fine_tol(cfg)
-        pick, coarse, fine = calibrate(draft, target, judge, tokenizer, load_rows(calibration_file),
-                                       tol=CALIBRATION_TOL, fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs,
-                                       **kw)
-        print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol))
-        record.update(calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
-                      fine_tol=fine_tol,
-                      calibration_pick=pick, calibration_coarse=coarse, calibration_fine=fine)
-        if pick is not None and (pick["setting"], pick["min_run"]) != settings[0]:
-            settings.append((pick["setting"], pick["min_run"]))
+        candidates = []
+        for step, path in [*earlier, (None, judge_dir)]:
+            candidate = last if step is None else load_eval_judge(path, target)
+            if earlier:
+                print(f"calibrating the judge {path}", flush=True)
+            pick, coarse, fine = calibrate(draft, target, candidate, tokenizer, calib_rows, tol=CALIBRATION_TOL,
+                                           fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs, **kw)
+            print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol))
+            candidates.append(dict(judge=str(path), pick=pick, coarse=coarse, fine=fine, model=candidate))
+        # Picks of different judges compare on the same set (the fine one when there is one).
+        chosen = max(reversed(candidates), key=lambda c: -1.0 if c["pick"] is None else c["pick"]["tau"])
+        pick, judge = chosen["pick"], chosen["model"]
+        if earlier:
+            print(f"chosen judge: {_judge_label(chosen['judge'])}" + ("" if pick is None else
+                  f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)
+        record.update(judge=chosen["judge"], last_judge=str(judge_dir),
+                      calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
+                      fine_tol=fine_tol, calibration_pick=pick, calibration_coarse=chosen["coarse"],
+                      calibration_fine=chosen["fine"])
+        if earlier:
+            record["candidates"] = [{k: c[k] for k in ("judge", "pick", "coarse", "fine")} for c in candidates]
+    test_rows = load_rows(test_file, limit)
     rules = [Rule.fixed("reject_all", RejectAll())] + [judge_rule(t, m) for t, m in settings]
-    rows = evaluate(rules, draft, target, judge, tokenizer, load_rows(test_file, limit), **kw)
+    rows = evaluate(rules, draft, target, last, tokenizer, test_rows, **kw)
+    if pick is not None and (judge is not last or (pick["setting"], pick["min_run"]) != settings[0]):
+        rows += evaluate([judge_rule(pick["setting"], pick["min_run"])], draft, target, judge, tokenizer, test_rows,
+                         **kw)
     print(format_table(rows))
     base = rows[0]
     parts = [f"reject_all acc {base['accuracy']:.1%} tau {base['tau']:.3f}"]
     for i, r in enumerate(rows[1:]):
-        tag = f" (chosen on {(fine_file or calibration_file).name})" if i else ""
+        which = "" if judge is last else f"{_judge_label(record['judge'])}, "
+        tag = f" ({which}chosen on {(fine_file or calibration_file).name})" if i else ""
         parts.append(f"{r['name']}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
     print(f"held-out ({base['n']} problems, γ {gamma}): " + " | ".join(parts))
     if out_json is not None:
@@ -185,6 +245,12 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         Path(out_json).write_text(json.dumps({**record, "held_out": rows}, indent=1, default=str))
         print(f"wrote {out_json}")
     return rows
+
+
+def _judge_label(path) -> str:
+    """global_step_30/judge -> "global_step_30's judge"; any other directory by its name."""
+    path = Path(path)
+    return f"{path.parent.name}'s judge" if path.name == "judge" else path.name
 
 
 def with_file_logger(cfg, overrides: list[str]) -> list[str]:
@@ -238,6 +304,8 @@ def main(argv=None) -> int:
     if not args.no_eval:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
         eval_fine_tol(cfg)
+        eval_batch_size(cfg)
+        eval_judges(cfg, [])
     cmd = main_ppo_command(args.config_name, out, with_file_logger(cfg, overrides))
     metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory
@@ -248,18 +316,19 @@ def main(argv=None) -> int:
     show_training_curve(metrics_file, out / "training_metrics.csv", since=t0)
     if rc != 0 or args.no_eval:
         return rc
-    judge_dir = latest_judge(out / "checkpoints")
+    judges = eval_judges(cfg, judge_exports(out / "checkpoints"))
+    judge_dir = judges[-1][1]
     test_file = args.test_file
     if test_file is None:
         from spd_verl.world import WORLD_DIR
 
         test_file = WORLD_DIR / "data" / "test.parquet"
-    print(f"held-out evaluation of {judge_dir} on {test_file}", flush=True)
+    print(f"held-out evaluation of {', '.join(str(p) for _, p in judges)} on {test_file}", flush=True)
     calibration_file = None if args.no_calibration else (args.calibration_file or _val_file(cfg))
     fine_file = None if args.no_calibration else (args.fine_calibration_file or
                                                   fine_calibration_file(calibration_file, test_file))
     held_out_eval(cfg, judge_dir, test_file, args.eval_limit, calibration_file, fine_file,
-                  out_json=out / "held_out_eval.json")
+                  out_json=out / "held_out_eval.json", earlier=judges[:-1] if calibration_file else [])
     return 0
 
 

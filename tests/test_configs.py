@@ -65,6 +65,17 @@ def test_demo_eval_settings():
         eval_min_runs(cfg, eval_gamma(cfg))
 
 
+def test_eval_batch_size():
+    """spd.eval.batch_size: the demo's 400 is taken; null is spd-eval's 32; a bad one names the key."""
+    from spd_verl.train import eval_batch_size
+
+    assert eval_batch_size(_compose("spd_demo")) == 400
+    assert eval_batch_size(_compose("spd_demo", ["spd.eval.batch_size=null"])) == 32
+    for bad in ("0", "2.5", "true"):
+        with pytest.raises(ValueError, match=r"spd.eval.batch_size must be an integer >= 1 or null"):
+            eval_batch_size(_compose("spd_demo", [f"spd.eval.batch_size={bad}"]))
+
+
 def test_demo_calibration_margin():
     """spd.eval.fine_tol: null is the target's 1 point; a margin inside it is taken as given; one
     outside [0, 0.01] (or not a number) names the key before anything runs."""

@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -441,6 +442,63 @@ def test_spd_train_held_out_eval_adds_the_calibrated_threshold(world, tmp_path, 
     cfg.data.val_files = ["a.parquet", "b.parquet"]
     with pytest.raises(ValueError, match="data.val_files has 2: pass --calibration-file"):
         _val_file(cfg)
+
+
+def test_held_out_eval_chooses_among_saved_judges(world, tmp_path, capsys):
+    """spd-train with spd.eval.steps: every listed judge is calibrated on the same held-in sets and
+    the pick with the most τ there is evaluated held out, next to the last judge at the config's
+    threshold; the record names both judges and keeps every candidate's calibration."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.train import held_out_eval
+
+    r = world["root"]
+    cfg = OmegaConf.create(dict(
+        actor_rollout_ref=dict(rollout=dict(draft_model_path=str(r / "draft"), target_model_path=str(r / "target"),
+                                            score_threshold=0.5, num_speculative_tokens=3)),
+        data=dict(max_response_length=12)))
+    val = write_rows(tmp_path / "val.parquet", 5)
+    accept, reject = Path(world["judge_accept"]), Path(world["judge_reject"])
+    rows = held_out_eval(cfg, reject, world["data"], None, calibration_file=val, out_json=tmp_path / "h.json",
+                         earlier=[(10, accept)])
+    record = json.loads((tmp_path / "h.json").read_text())
+    lossless_acc = next(r for r in record["candidates"][1]["coarse"] if r["rule"] == "reject_all")["accuracy"]
+    picks = [c["pick"] for c in record["candidates"]]
+    assert [c["judge"] for c in record["candidates"]] == [str(accept), str(reject)]
+    assert picks[1]["accepted_mismatches"] == 0 and picks[0]["accepted_mismatches"] > 0
+    assert picks[0]["accuracy"] >= lossless_acc - 0.01 and picks[0]["tau"] > picks[1]["tau"]  # the accepting judge wins
+    assert (record["judge"], record["last_judge"], record["calibration_pick"]) == (str(accept), str(reject), picks[0])
+    assert [r["name"] for r in rows] == ["reject_all", "judge@0.5", picks[0]["name"]]
+    assert rows[1]["accepted_mismatches"] == 0 and rows[2]["accepted_mismatches"] > 0  # each row decoded its own judge
+    out = capsys.readouterr().out
+    assert f"calibrating the judge {accept}" in out and f"chosen judge: {accept.name} at {picks[0]['name']}" in out
+    assert f"{picks[0]['name']} ({accept.name}, chosen on val.parquet) acc" in out
+    # equal picks: the later judge
+    held_out_eval(cfg, reject, world["data"], None, calibration_file=val, out_json=tmp_path / "tie.json",
+                  earlier=[(10, reject)])
+    assert json.loads((tmp_path / "tie.json").read_text())["judge"] == str(reject)
+    assert "chosen on val.parquet)" in capsys.readouterr().out  # the last judge's own pick: no judge named
+
+
+def test_eval_judges_reads_spd_eval_steps(tmp_path):
+    from omegaconf import OmegaConf
+
+    from spd_verl.train import eval_judges
+
+    exports = [(30, tmp_path / "a"), (60, tmp_path / "b")]
+    cfg = OmegaConf.create(dict(spd=dict(eval=dict(steps=None))))
+    assert eval_judges(cfg, exports) == exports[1:]
+    cfg.spd.eval.steps = "all"
+    assert eval_judges(cfg, exports) == exports
+    cfg.spd.eval.steps = [60, 30]
+    assert eval_judges(cfg, exports) == exports and eval_judges(cfg, []) == []  # before training: the form only
+    cfg.spd.eval.steps = [30, 40, 50]
+    with pytest.raises(ValueError, match=r"spd.eval.steps \[40, 50\]: no judge export for those steps \(saved: \[30, 60\]\)"):
+        eval_judges(cfg, exports)
+    for bad in ([], "last", [30, True], 30):
+        cfg.spd.eval.steps = bad
+        with pytest.raises(ValueError, match="spd.eval.steps must be null, 'all' or a non-empty list of training steps"):
+            eval_judges(cfg, [])
 
 
 def test_held_out_eval_at_another_gamma(world, tmp_path, capsys):
