@@ -77,12 +77,13 @@ def test_eval_batch_size():
 
 
 def test_demo_calibration_margin():
-    """spd.eval.fine_tol: null is the target's 1 point; a margin inside it is taken as given; one
-    outside [0, 0.01] (or not a number) names the key before anything runs."""
+    """spd.eval.fine_tol: the demo's half-point margin; null is the target's 1 point; a margin inside
+    it is taken as given; one outside [0, 0.01] (or not a number) names the key before anything runs."""
     from spd_verl.train import eval_fine_tol
 
-    assert eval_fine_tol(_compose("spd_demo")) == 0.01
-    assert eval_fine_tol(_compose("spd_demo", ["spd.eval.fine_tol=0.005"])) == 0.005
+    assert eval_fine_tol(_compose("spd_demo")) == 0.005
+    assert eval_fine_tol(_compose("spd_demo", ["spd.eval.fine_tol=null"])) == 0.01
+    assert eval_fine_tol(_compose("spd_demo", ["spd.eval.fine_tol=0.0025"])) == 0.0025
     for bad in ("0.02", "-0.001", "true", "abc"):
         with pytest.raises(ValueError, match=r"spd.eval.fine_tol must be a number in \[0, 0.01\]"):
             eval_fine_tol(_compose("spd_demo", [f"spd.eval.fine_tol={bad}"]))

@@ -9,7 +9,7 @@ import torch
 
 from spd_verl.world import WORLD_DIR, load_world
 from spd_verl.world import problems as P
-from spd_verl.world.build import read_split, to_rows, write_parquet
+from spd_verl.world.build import N_CALIB, read_split, to_rows, write_parquet
 from spd_verl.world.tokenizer import (BOS_ID, EOS_ID, UNK_ID, build_tokenizer, encode_text,
                                       prompt_ids, prompt_text)
 
@@ -184,7 +184,7 @@ def test_committed_world_loads(world):
         texts, gts = read_split(world.data_dir / f"{split}.parquet")
         assert texts and len(texts) == len(gts)
         questions[split] = set(texts)
-    assert len(questions["calib"]) == 400
+    assert len(questions["calib"]) == N_CALIB
     for a, b in [("calib", "train"), ("calib", "val"), ("calib", "test"), ("val", "test"), ("val", "train"),
                  ("test", "train")]:
         assert not questions[a] & questions[b], f"{a} and {b} share questions"
