@@ -40,6 +40,8 @@ def main(argv=None):
                     help="accuracy tolerance of the pick on the calib split (default: the target's 0.01; "
                     "spd.eval.fine_tol)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=400,
+                    help="prompts per generate call (spd.eval.batch_size; the results do not depend on it)")
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
@@ -53,7 +55,8 @@ def main(argv=None):
                              f"(saved: {[step for step, _ in exports]})")
         exports = [(step, path) for step, path in exports if step in args.steps]
     world = load_world(args.world)
-    kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, eos_token_id=world.eos_token_id, progress=False)
+    kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              eos_token_id=world.eos_token_id, progress=False)
     val, calib, test = (load_rows(world.split(s)) for s in ("val", "calib", "test"))
     lossless = evaluate([Rule.fixed("reject_all", RejectAll())], world.draft, world.target, None, world.tokenizer,
                         test, **kw)[0]

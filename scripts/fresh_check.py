@@ -66,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=2000, help="fresh problems to draw")
     ap.add_argument("--seed", type=int, default=424242, help="generator seed of the fresh problems")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=400,
+                    help="prompts per generate call (spd.eval.batch_size; the results do not depend on it)")
     ap.add_argument("--out", type=Path, help="write every row here (JSON)")
     args = ap.parse_args(argv)
     entries = [e for path in args.records for e in picks(path)]
@@ -73,7 +75,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         write_parquet(to_rows(fresh_problems(args.n, args.seed), "fresh"), Path(tmp) / "fresh.parquet")
         rows = load_rows(Path(tmp) / "fresh.parquet")
-    kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=world.eos_token_id, progress=False)
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              eos_token_id=world.eos_token_id, progress=False)
     lossless = {}
     print(f"| pick | calib | held-out (250) | fresh ({args.n}) | fresh loss, points |")
     print("| --- | --- | --- | --- | --- |")

@@ -2,7 +2,7 @@
 ``python -m verl.trainer.main_ppo`` (nothing else drives training), then a held-out evaluation of
 lossless SD (reject_all) against the trained judge at its configured threshold and at the threshold
 chosen on held-in data (spd_verl.eval.calibrate): a coarse grid on the validation split, then, when
-a ``calib.parquet`` sits beside it (the demo world ships 400 problems), a fine window there.
+a ``calib.parquet`` sits beside it (the demo world ships 1,600 problems), a fine window there.
 
     spd-train                                   # demo world, configs/spd_demo.yaml, CPU
     spd-train trainer.total_training_steps=20   # any Hydra override goes to main_ppo

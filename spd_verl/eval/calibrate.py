@@ -10,7 +10,7 @@ measures that one threshold.
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
 
-or, with a larger calibration set (``fine_rows``; the demo world's calib split, 400 problems):
+or, with a larger calibration set (``fine_rows``; the demo world's calib split, 1,600 problems):
 
     window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
@@ -22,8 +22,8 @@ the best (threshold, min_run) pair there: which gate wins is decided on the larg
 val problems one answer decides it).
 
 150 validation problems move 0.67 points per answer, about as much as the 1-point bar allows, so a
-pick made on them alone is noisy; the fine stage makes it on 400 more (README, Results, for how
-much the pick still moves between problem sets).
+pick made on them alone is noisy; the fine stage makes it on 1,600 more (400 until session 18;
+README, Results, for how much the pick still moves between problem sets).
 
 Thresholds run in ascending order, and once one accepts no mismatch on the whole set, the higher ones
 are not decoded: every decision on that set then scored at most that threshold, so a higher one
@@ -176,9 +176,10 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     refinement without ``fine_rows`` stays at the coarse pick's gate.
 
     ``fine_tol`` (default ``tol``): the bar of the pick on ``fine_rows``. A tighter one than the
-    target's ``tol`` is a safety margin: a pick right at the bar of 400 problems sits at the bar of
-    fresh problems too (nine such picks lost 1.0 point on average on 2,000 fresh ones, and three
-    kept it; README: Results, session 17). The coarse stage keeps ``tol``: it only places the windows.
+    target's ``tol`` is a safety margin: the best of ~20 settings picked right at the bar sits past
+    it on fresh problems (made on 1,600 calibration problems, eight of nine such picks lost 1.05-1.7
+    points on 2,000 fresh ones; at 0.005 all nine lost 0.15-0.75; README: Results, sessions 17-18).
+    The coarse stage keeps ``tol``: it only places the windows.
 
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
