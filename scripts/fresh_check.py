@@ -41,6 +41,13 @@ def fresh_problems(n: int, seed: int, world_seed: int = 0) -> list:
     return build.fresh_problems(n, seed, held_questions(world_seed))
 
 
+def fresh_rows(n: int, seed: int, world_seed: int = 0) -> list[dict]:
+    """:func:`fresh_problems` as the evaluation's rows (written to a parquet and read back, as a split is)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_parquet(to_rows(fresh_problems(n, seed, world_seed), "fresh"), Path(tmp) / "fresh.parquet")
+        return load_rows(Path(tmp) / "fresh.parquet")
+
+
 def picks(path: Path) -> list[dict]:
     """(name, judge dir, gamma, pick row, held-out row) of every pick recorded in ``path``."""
     rec = json.loads(path.read_text())
@@ -72,9 +79,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     entries = [e for path in args.records for e in picks(path)]
     world = load_world()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_parquet(to_rows(fresh_problems(args.n, args.seed), "fresh"), Path(tmp) / "fresh.parquet")
-        rows = load_rows(Path(tmp) / "fresh.parquet")
+    rows = fresh_rows(args.n, args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
               eos_token_id=world.eos_token_id, progress=False)
     lossless = {}

@@ -1,6 +1,7 @@
 """Ad-hoc (session 18): for every judge in bigcal.jsonl, the pick on C at fine tolerances 0.005 and
 0.0075 (same candidate rows), evaluated on test and F (seed 424242, 2000)."""
-import importlib.util, json, sys, tempfile
+(After the run, its fresh-set block was replaced by fresh_check.fresh_rows, which draws the same rows.)
+import importlib.util, json, sys
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("fc", "/work/main/scripts/fresh_check.py")
 fc = importlib.util.module_from_spec(spec); spec.loader.exec_module(fc)
@@ -8,11 +9,8 @@ from spd_verl.eval.calibrate import pick_threshold
 from spd_verl.eval.data import load_eval_judge, load_rows
 from spd_verl.eval.sweep import evaluate, judge_rule
 from spd_verl.world import load_world
-from spd_verl.world.build import to_rows, write_parquet
 world = load_world()
-with tempfile.TemporaryDirectory() as tmp:
-    write_parquet(to_rows(fc.fresh_problems(2000, 424242), "fresh"), Path(tmp) / "F.parquet")
-    Frows = load_rows(Path(tmp) / "F.parquet")
+Frows = fc.fresh_rows(2000, 424242)
 test = load_rows(world.split("test"))
 kw = dict(gamma=8, max_new_tokens=96, eos_token_id=world.eos_token_id, progress=False, batch_size=400)
 done = {(json.loads(l)["judge"], json.loads(l)["name"]) for l in open(sys.argv[2])} if Path(sys.argv[2]).exists() else set()
