@@ -1,6 +1,6 @@
 """Ad-hoc (session 18): for every judge in bigcal.jsonl, the pick on C at fine tolerances 0.005 and
-0.0075 (same candidate rows), evaluated on test and F (seed 424242, 2000)."""
-(After the run, its fresh-set block was replaced by fresh_check.fresh_rows, which draws the same rows.)
+0.0075 (same candidate rows), evaluated on test and F (seed 424242, 2000).
+After the run, its fresh-set block was replaced by fresh_check.fresh_rows, which draws the same rows."""
 import importlib.util, json, sys
 from pathlib import Path
 spec = importlib.util.spec_from_file_location("fc", "/work/main/scripts/fresh_check.py")
