@@ -205,18 +205,20 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         fine_rows = load_rows(fine_file) if fine_file is not None else None
         calib_rows = load_rows(calibration_file)
         fine_tol = eval_fine_tol(cfg)
-        candidates = []
-        for step, path in [*earlier, (None, judge_dir)]:
-            candidate = last if step is None else load_eval_judge(path, target)
+        candidates, chosen = [], None
+        for path in [*(path for _, path in earlier), judge_dir]:
+            candidate = last if path == judge_dir else load_eval_judge(path, target)
             if earlier:
                 print(f"calibrating the judge {path}", flush=True)
             pick, coarse, fine = calibrate(draft, target, candidate, tokenizer, calib_rows, tol=CALIBRATION_TOL,
                                            fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs, **kw)
             print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol))
-            candidates.append(dict(judge=str(path), pick=pick, coarse=coarse, fine=fine, model=candidate))
-        # Picks of different judges compare on the same set (the fine one when there is one).
-        chosen = max(reversed(candidates), key=lambda c: -1.0 if c["pick"] is None else c["pick"]["tau"])
-        pick, judge = chosen["pick"], chosen["model"]
+            candidates.append(dict(judge=str(path), pick=pick, coarse=coarse, fine=fine))
+            # Picks of different judges compare on the same set (the fine one when there is one); ties go
+            # to the later judge. Only the leading judge stays loaded.
+            if chosen is None or _pick_tau(pick) >= _pick_tau(chosen["pick"]):
+                chosen, judge = candidates[-1], candidate
+        pick = chosen["pick"]
         if earlier:
             print(f"chosen judge: {_judge_label(chosen['judge'])}" + ("" if pick is None else
                   f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)
@@ -245,6 +247,10 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         Path(out_json).write_text(json.dumps({**record, "held_out": rows}, indent=1, default=str))
         print(f"wrote {out_json}")
     return rows
+
+
+def _pick_tau(pick: dict | None) -> float:
+    return -1.0 if pick is None else pick["tau"]
 
 
 def _judge_label(path) -> str:

@@ -196,11 +196,11 @@ def test_committed_world_loads(world):
 def test_calib_split_is_what_spd_world_writes():
     """The committed calib split is split_problems' (drawn after train, so it avoids every problem the
     models were trained on, not only the committed prefix)."""
-    from spd_verl.world.build import HOUSE_STYLES, N_CALIB, TARGET, split_problems
+    from spd_verl.world.build import HOUSE_STYLES, N_CALIB, TARGET, split_problems, training_draw_size
     from spd_verl.world.train import ModelSpec
 
     spec = ModelSpec(**{**TARGET, "steps": HOUSE_STYLES["target_steps"]})
-    train, _, _, calib = split_problems(0, max(spec.steps * spec.batch_size, 20_000))
+    train, _, _, calib = split_problems(0, training_draw_size(spec))
     assert len(calib) == N_CALIB and not {p.question for p in calib} & {p.question for p in train}
     texts, gts = read_split(WORLD_DIR / "data" / "calib.parquet")
     assert texts == [p.question for p in calib] and gts == [str(p.answer) for p in calib]
