@@ -594,6 +594,11 @@ def test_fine_window():
     cliff = sweep(0.6)
     assert pick_threshold(cliff)["setting"] == 0.99
     assert fine_window(cliff, pick_threshold(cliff)) == [0.5, 0.55, 0.6, 0.65, 0.7]
+    # a conservative judge (session 19, run J1): every setting from 0.01 up keeps the bar, so the pick
+    # and the window reach below 0.02, where the old grid stopped
+    timid = [{**r, "accuracy": 0.99} if (r["setting"] or 0) >= 0.01 else r for r in sweep(2.0)]
+    assert pick_threshold(timid)["setting"] == 0.01
+    assert fine_window(timid, pick_threshold(timid)) == [0.005, 0.00875, 0.0125, 0.01625, 0.02]
     low = [_r("reject_all", 3.3, 0.99), _r("judge", 4.0, 0.99, 0.02), _r("judge", 3.5, 0.99, 0.05)]
     assert fine_window(low, pick_threshold(low), points=3) == [0.02, 0.035, 0.05]  # lowest: from itself
     none = sweep(2.0)  # never keeps the bar

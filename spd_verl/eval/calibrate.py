@@ -5,7 +5,7 @@ policy is indifferent, not where accuracy holds. The deployable threshold is the
 most τ whose accuracy stays within ``tol`` of lossless SD *on held-in data*; the held-out set then
 measures that one threshold.
 
-    grid = COARSE_GRID                                    # 0.02 ... 0.99
+    grid = COARSE_GRID                                    # 0.005 ... 0.99
     rows = evaluate(judge rules at grid (x min_runs) + reject_all, ..., calibration rows)
     pick = pick_threshold(rows, tol=0.01)                 # None if no threshold keeps accuracy
     finer = refine_grid(rows, pick)                       # a second pass between pick and the next lower setting
@@ -35,7 +35,9 @@ from __future__ import annotations
 
 from .pareto import lossless
 
-COARSE_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+# Dense at both ends (a logit-like spacing): a conservative judge's safe settings can all sit below
+# 0.02 (session 19: run J1 lost 0.25 points at 0.02 behind the run gate 3, the old grid's floor).
+COARSE_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 
 
 def _min_run(row: dict) -> int:
