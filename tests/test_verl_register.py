@@ -57,3 +57,25 @@ def test_everything_registered_in_fresh_process():
         "errors_on_second_call": {},
     }
     assert "could not register" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_continuous_token_fallback_warning_said_once(caplog):
+    """verl warns on every agent-loop instance that Llama has no Continuous Token builder; the spd
+    agent loop lets it through once per message. Fails if verl renames the logger or the message
+    (then the filter would silently stop working) or starts to map llama itself."""
+    import logging
+
+    from verl.utils.tokenizer.continuous_token_wiring import infer_continuous_token_model_family
+
+    from spd_verl.verl_ext import agent_loop
+
+    caplog.set_level(logging.WARNING, logger=agent_loop.CONTINUOUS_TOKEN_LOGGER)
+    for _ in range(3):
+        infer_continuous_token_model_family(hf_model_type="llama")
+        infer_continuous_token_model_family(hf_model_type="spd_test_model_type")
+    said = [r.getMessage() for r in caplog.records if r.name == agent_loop.CONTINUOUS_TOKEN_LOGGER]
+    assert [m for m in said if "'spd_test_model_type'" in m] == [
+        "No model-specific Continuous Token builder is registered for config.json model_type='spd_test_model_type'; "
+        "falling back to default."]
+    assert len([m for m in said if "'llama'" in m]) <= 1  # at most once per process (an earlier test may have said it)
+    assert str(infer_continuous_token_model_family(hf_model_type="llama")) in ("default", "ContinuousTokenModelFamily.DEFAULT")

@@ -19,6 +19,7 @@ Works with the V1 trainer (TransferQueue path), whose agent-loop worker stores `
 
 from __future__ import annotations
 
+import logging
 import random
 import zlib
 from typing import Any, Optional
@@ -35,6 +36,35 @@ from .keys import (CREDIT_BRANCHED_KEY, CREDIT_KEY, CREDIT_SOFT_KEY, DECISIONS_K
 from .reward_manager import reward_config_from
 
 AGENT_NAME = "spd_agent"
+
+# verl builds a Continuous Token builder per agent-loop instance, i.e. per sample, and for a
+# config.json model_type it has no entry for (our Llama checkpoints) warns each time that it falls
+# back to the default text builder, which is the right one here: ~2,400 identical lines in a
+# 60-step demo run. Say it once per process instead of dropping it.
+CONTINUOUS_TOKEN_LOGGER = "verl.utils.tokenizer.continuous_token_wiring"
+CONTINUOUS_TOKEN_FALLBACK = "No model-specific Continuous Token builder"
+
+
+class OnceFilter(logging.Filter):
+    """Lets the first record of each message that starts with ``prefix`` through, then drops repeats."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_fallback_logger = logging.getLogger(CONTINUOUS_TOKEN_LOGGER)
+if not any(isinstance(f, OnceFilter) for f in _fallback_logger.filters):
+    _fallback_logger.addFilter(OnceFilter(CONTINUOUS_TOKEN_FALLBACK))
 
 
 class SPDAgentLoopOutput(AgentLoopOutput):
