@@ -326,3 +326,49 @@ def test_target_logprobs_replay_a_target_forward(models, policy):
         torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=1e-4)
         if policy.name == "reject_all":  # lossless text is the target's argmax: its top-1 log-prob
             torch.testing.assert_close(torch.tensor(lps), lp[len(p) - 1:-1].max(-1).values, atol=1e-4, rtol=1e-4)
+
+
+def test_preallocated_cache_changes_nothing(models, monkeypatch):
+    """The in-place KV buffers (cache.GrowingLayer) against Hugging Face's DynamicCache: same
+    responses, decision records, stats and log-probs, through growth, row removal and compaction,
+    with the default capacities and with tight ones (regrowth every few slots)."""
+    from spd_verl.spd import cache
+
+    target, _ = models
+    draft = perturbed(target, scale=0.1)  # a poor draft: many rejected slots, so compaction runs
+    judge = ScoringModel.from_backbone(draft, init_accept_prob=0.5)
+    with torch.no_grad():  # logits that depend on the judge's cached states; mostly rejects, so
+        torch.manual_seed(0)  # holes pile up and compaction runs while several rows are active
+        judge.score_head.weight.normal_(0.0, 0.05)
+        judge.score_head.bias.fill_(-1.0)
+    calls = {"grow": 0, "batch_select_indices": 0, "gather_slots": 0}
+    for name in ("batch_select_indices", "gather_slots"):
+        def counted(self, *args, _orig=getattr(cache.GrowingLayer, name), _name=name):
+            calls[_name] += 1
+            return _orig(self, *args)
+        monkeypatch.setattr(cache.GrowingLayer, name, counted)
+
+    def install(self, k, v, n, _orig=cache.GrowingLayer._install):
+        calls["grow"] += self._k is not None and k.shape[2] > self._k.shape[2]
+        return _orig(self, k, v, n)
+    monkeypatch.setattr(cache.GrowingLayer, "_install", install)
+    prompts = random_prompts(8, seed=4, max_len=20)
+    limits = [40, 10, 30, 40, 20, 40, 5, 35]  # rows leave at different blocks
+
+    def run(pre):
+        dec = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=5, preallocate_cache=pre)
+        return dec.generate(prompts, ThresholdPolicy(0.5), max_new_tokens=limits)
+
+    old = run(False)
+    assert 0 < old.stats["accepted_mismatches"] < old.stats["mismatches"]
+    for tight in (False, True):
+        if tight:
+            monkeypatch.setattr(cache, "_capacity", lambda slots, device: slots + 3)
+        calls.update(grow=0, batch_select_indices=0, gather_slots=0)
+        new = run(True)
+        assert calls["batch_select_indices"] and calls["gather_slots"], calls  # row removal, compaction
+        assert calls["grow"] or not tight, calls
+        assert new.responses == old.responses
+        assert new.decisions == old.decisions  # judge logits included (no NaN: the judge ran)
+        assert new.stats == old.stats
+        assert new.target_logprobs == old.target_logprobs

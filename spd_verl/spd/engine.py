@@ -86,10 +86,12 @@ class SpeculativeDecoder:
         judge: optional ScoringModel (possibly PEFT-wrapped); needed by judge policies.
         num_speculative_tokens: γ, draft tokens proposed per block.
         draft_temperature: 0 = greedy draft; > 0 samples (seeded by ``seed``).
+        preallocate_cache: KV caches append in place into preallocated buffers (cache.py); False
+            uses Hugging Face's plain DynamicCache. Same outputs either way; True is faster.
     """
 
     def __init__(self, draft_model, target_model, judge=None, num_speculative_tokens: int = 4,
-                 draft_temperature: float = 0.0, seed: int | None = None):
+                 draft_temperature: float = 0.0, seed: int | None = None, preallocate_cache: bool = True):
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens (γ) must be an integer >= 1, got {num_speculative_tokens!r}")
         vd, vt = _vocab_size(draft_model), _vocab_size(target_model)
@@ -103,6 +105,7 @@ class SpeculativeDecoder:
         self.draft, self.target, self.judge = draft_model, target_model, judge
         self.gamma = num_speculative_tokens
         self.draft_temperature = float(draft_temperature)
+        self.preallocate_cache = bool(preallocate_cache)
         self.generator = torch.Generator(device="cpu")
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -165,9 +168,10 @@ class SpeculativeDecoder:
         for b, p in enumerate(prompts):
             ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, L - len(p):] = True
-        caches = {"draft": SlotCache(self.draft, B, dev), "target": SlotCache(self.target, B, dev)}
+        pre = self.preallocate_cache
+        caches = {"draft": SlotCache(self.draft, B, dev, pre), "target": SlotCache(self.target, B, dev, pre)}
         if use_judge:
-            caches["judge"] = SlotCache(self.judge, B, dev)
+            caches["judge"] = SlotCache(self.judge, B, dev, pre)
         if L > 1:
             for c in caches.values():
                 c.forward(ids[:, :-1], valid[:, :-1])
