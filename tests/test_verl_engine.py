@@ -354,3 +354,24 @@ def test_sampled_requests_behind_the_run_gate_train_only_on_real_decisions(adapt
     for row, lp in zip(rows, log_probs):
         mask = row["response_mask"].bool()
         torch.testing.assert_close(lp[mask], row["rollout_log_probs"][mask], atol=1e-5, rtol=1e-5)
+
+
+def test_head_lr_mult_puts_the_head_in_its_own_group(tiny_world, dist_group):
+    mc = model_config(tiny_world)
+    mc.override_config["head_lr_mult"] = 5.0
+    engine = make_engine(mc)
+    groups = engine.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2, 5e-2])
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    assert all("score_head" in names[id(p)] for p in groups[1]["params"]) and groups[1]["params"]
+    assert all("lora_" in names[id(p)] for p in groups[0]["params"]) and groups[0]["params"]
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "fast", float("nan")])
+def test_bad_head_lr_mult_is_refused(tiny_world, bad):
+    mc = model_config(tiny_world)
+    mc.override_config["head_lr_mult"] = bad
+    with pytest.raises(ValueError, match="head_lr_mult must be a positive number"):
+        make_engine(mc)

@@ -26,7 +26,7 @@ from verl.workers.engine.fsdp import FSDPEngineWithLMHead
 
 from ..scoring_model import decision_log_probs
 from ..spd.policies import NUM_FEATURES
-from .judge import MODEL_KEY, build_judge, wrap_lora
+from .judge import HEAD_NAME, MODEL_KEY, build_judge, head_lr_mult, wrap_lora
 from .keys import SIDE_FIELDS
 
 MODEL_TYPE = "spd_scoring"
@@ -59,6 +59,7 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
         if model_config.use_fused_kernels:
             raise ValueError(f"{MODEL_KEY}.use_fused_kernels fuses the LM head's log-softmax; the judge has no LM "
                              f"head: set it to false")
+        head_lr_mult(model_config)  # a bad value fails here, before any weights load
         attn = dict(model_config.override_config or {}).get("attn_implementation", "flash_attention_2")
         if self.use_remove_padding and not str(attn).startswith("flash"):
             # Packed (remove-padding) batches rely on varlen attention; with sdpa/eager the packed
@@ -74,6 +75,26 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
         if self.model_config.enable_gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return module
+
+    def _build_optimizer(self, module):
+        """verl's optimizer, with the score head in its own parameter group when
+        ``override_config.head_lr_mult`` != 1: the head (one Linear over the context state, the
+        candidates and the free features) sets how far every accept probability moves per step,
+        while the LoRA adapters shape what the context state says."""
+        from verl.workers.config.optimizer import build_optimizer
+
+        mult = head_lr_mult(self.model_config)
+        if mult == 1.0:
+            return super()._build_optimizer(module)
+        head, rest = [], []
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                (head if HEAD_NAME in name.split(".") else rest).append(param)
+        if not head:
+            raise ValueError(f"{MODEL_KEY}.override_config.head_lr_mult={mult} but the judge has no trainable "
+                             f"{HEAD_NAME!r} parameter")
+        groups = [{"params": rest}, {"params": head, "lr": self.optimizer_config.lr * mult}]
+        return build_optimizer(groups, self.optimizer_config)
 
     def _build_lora_module(self, module):
         module.enable_input_require_grads()

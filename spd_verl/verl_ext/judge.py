@@ -5,7 +5,8 @@ rollout server, so both start from identical weights and identical LoRA paramete
 it, LM head dropped, score head at ``init_accept_prob``) or an exported judge (``spd_scoring``
 config, e.g. a previous run's ``judge`` export). Judge head settings are ScoringConfig fields and
 are set like any Hugging Face config field, through ``actor_rollout_ref.model.override_config``
-(``init_accept_prob``, ``num_features``).
+(``init_accept_prob``, ``num_features``). ``head_lr_mult`` there (default 1) gives the actor's
+score head its own learning rate, as a multiple of the optimizer's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..scoring_model import ScoringConfig, ScoringModel, add_lora
 from ..spd.policies import NUM_FEATURES
 
 MODEL_KEY = "actor_rollout_ref.model"
+HEAD_NAME = "score_head"  # ScoringModel's head attribute (peft keeps it under this name too)
 
 
 def _get(cfg, key, default=None):
@@ -38,6 +40,19 @@ def build_judge(model_config, dtype: torch.dtype = torch.float32) -> ScoringMode
         dtype=dtype,
         attn_implementation=attn,
     )
+
+
+def head_lr_mult(model_config) -> float:
+    """``override_config.head_lr_mult`` (default 1): the score head's lr over the optimizer's."""
+    override = dict(_get(model_config, "override_config", {}) or {})
+    value = override.get("head_lr_mult", 1.0)
+    try:
+        mult = float(value)
+    except (TypeError, ValueError):
+        mult = float("nan")
+    if not mult > 0 or mult == float("inf"):
+        raise ValueError(f"{MODEL_KEY}.override_config.head_lr_mult must be a positive number, got {value!r}")
+    return mult
 
 
 def lora_settings(model_config) -> dict | None:
