@@ -59,7 +59,7 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
         if model_config.use_fused_kernels:
             raise ValueError(f"{MODEL_KEY}.use_fused_kernels fuses the LM head's log-softmax; the judge has no LM "
                              f"head: set it to false")
-        head_lr_mult(model_config)  # a bad value fails here, before any weights load
+        self.head_lr_mult = head_lr_mult(model_config)  # a bad value fails here, before any weights load
         attn = dict(model_config.override_config or {}).get("attn_implementation", "flash_attention_2")
         if self.use_remove_padding and not str(attn).startswith("flash"):
             # Packed (remove-padding) batches rely on varlen attention; with sdpa/eager the packed
@@ -83,7 +83,7 @@ class SPDScoringEngine(FSDPEngineWithLMHead):
         while the LoRA adapters shape what the context state says."""
         from verl.workers.config.optimizer import build_optimizer
 
-        mult = head_lr_mult(self.model_config)
+        mult = self.head_lr_mult
         if mult == 1.0:
             return super()._build_optimizer(module)
         head, rest = [], []

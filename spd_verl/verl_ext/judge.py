@@ -11,6 +11,8 @@ score head its own learning rate, as a multiple of the optimizer's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..scoring_model import ScoringConfig, ScoringModel, add_lora
@@ -49,8 +51,8 @@ def head_lr_mult(model_config) -> float:
     try:
         mult = float(value)
     except (TypeError, ValueError):
-        mult = float("nan")
-    if not mult > 0 or mult == float("inf"):
+        mult = None
+    if mult is None or not math.isfinite(mult) or mult <= 0:
         raise ValueError(f"{MODEL_KEY}.override_config.head_lr_mult must be a positive number, got {value!r}")
     return mult
 
