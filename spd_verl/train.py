@@ -154,6 +154,50 @@ def eval_judges(cfg, exports: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
     return [(step, saved[step]) for step in sorted(set(steps))]
 
 
+def eval_proxy(cfg) -> tuple[int | None, int, float]:
+    """(keep, problems, budget) of the swap proxy's preselection (spd_verl.eval.swap_proxy):
+    ``spd.eval.proxy_keep`` (null = calibrate every judge ``spd.eval.steps`` lists; k = only the k
+    the proxy ranks highest), ``spd.eval.proxy_problems`` (the first N problems of the fine
+    calibration file, else of the calibration file, make the bank) and ``spd.eval.proxy_budget``."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.eval.swap_proxy import DEFAULT_BUDGET
+    from spd_verl.verl_ext.config import check_int_at_least_1
+
+    keep = OmegaConf.select(cfg, "spd.eval.proxy_keep", default=None)
+    problems = OmegaConf.select(cfg, "spd.eval.proxy_problems", default=400)
+    budget = OmegaConf.select(cfg, "spd.eval.proxy_budget", default=DEFAULT_BUDGET)
+    check_int_at_least_1(keep, "spd.eval.proxy_keep", nullable=True)
+    check_int_at_least_1(problems, "spd.eval.proxy_problems")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"spd.eval.proxy_budget must be a number in (0, 1] (harmful swaps per bank problem), "
+                         f"got {budget!r}")
+    return keep, problems, float(budget)
+
+
+def proxy_preselect(judges: list[tuple[int, Path]], draft, target, tokenizer, rows: list[dict], kw: dict,
+                    keep: int, budget: float) -> tuple[list[tuple[int, Path]], list[dict]]:
+    """The ``keep`` judges of ``judges`` ((step, dir), in step order) that the swap proxy ranks
+    highest (ties: the later), in their order, and every judge's score (a record for the JSON)."""
+    from spd_verl.eval.data import load_eval_judge
+    from spd_verl.eval.swap_proxy import build_swap_bank, judge_logits, swap_score
+
+    t0 = time.time()
+    bank = build_swap_bank(draft, target, tokenizer, rows, kw["gamma"], kw["max_new_tokens"], kw["eos_token_id"],
+                           batch_size=kw["batch_size"])
+    print(f"swap proxy: {len(bank)} mismatches of lossless SD on {bank.n_problems} problems, "
+          f"{int(bank.harmful.sum())} of whose single swaps lose the answer ({time.time() - t0:.0f} s)", flush=True)
+    scores = []
+    for step, path in judges:
+        score = swap_score(judge_logits(load_eval_judge(path, target), bank), bank, budget)
+        scores.append(dict(step=step, judge=str(path), score=score))
+    top = sorted(range(len(judges)), key=lambda i: (scores[i]["score"], i), reverse=True)[:keep]
+    print("| judge | swap proxy | calibrated |\n| --- | --- | --- |\n" + "\n".join(
+        f"| {_judge_label(path)} | {r['score']:.3f} | {'yes' if i in top else ''} |"
+        for i, ((_, path), r) in enumerate(zip(judges, scores))), flush=True)
+    return [judges[i] for i in sorted(top)], scores
+
+
 def rollout_min_run(cfg) -> int:
     from omegaconf import OmegaConf
 
@@ -177,7 +221,10 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     the held-out set; with a ``calibration_file``, also the judge at the threshold and run gate
     chosen there (in a fine window on ``fine_file`` after the coarse grid, when given).
     ``earlier``: (step, dir) of other saved judges calibrated the same way; the one whose pick has
-    the most τ on the calibration set (ties: the later) is the one evaluated at its pick.
+    the most τ on the calibration set (ties: the later) is the one evaluated at its pick. With
+    ``spd.eval.proxy_keep`` = k, only the k of them (the last judge included) that the swap proxy
+    ranks highest are calibrated (:func:`proxy_preselect`, on the first ``spd.eval.proxy_problems``
+    of the fine calibration file, else of the calibration file).
     ``out_json``: every table printed, as JSON."""
     from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
@@ -205,8 +252,14 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         fine_rows = load_rows(fine_file) if fine_file is not None else None
         calib_rows = load_rows(calibration_file)
         fine_tol = eval_fine_tol(cfg)
+        judges = [*earlier, (_step_of(judge_dir), judge_dir)]
+        keep, proxy_problems, budget = eval_proxy(cfg)
+        if keep is not None and len(judges) > keep:
+            judges, record["swap_proxy"] = proxy_preselect(
+                judges, draft, target, tokenizer, (fine_rows or calib_rows)[:proxy_problems], kw, keep, budget)
+        earlier = [j for j in judges if j[1] != judge_dir]  # calibrated besides the last judge (or instead)
         candidates, chosen = [], None
-        for path in [*(path for _, path in earlier), judge_dir]:
+        for _, path in judges:
             candidate = last if path == judge_dir else load_eval_judge(path, target)
             if earlier:
                 print(f"calibrating the judge {path}", flush=True)
@@ -251,6 +304,12 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
 
 def _pick_tau(pick: dict | None) -> float:
     return -1.0 if pick is None else pick["tau"]
+
+
+def _step_of(path) -> int | None:
+    """global_step_30/judge -> 30; None for any other directory."""
+    m = re.fullmatch(r"global_step_(\d+)", Path(path).parent.name)
+    return int(m.group(1)) if m else None
 
 
 def _judge_label(path) -> str:
@@ -312,6 +371,7 @@ def main(argv=None) -> int:
         eval_fine_tol(cfg)
         eval_batch_size(cfg)
         eval_judges(cfg, [])
+        eval_proxy(cfg)
     cmd = main_ppo_command(args.config_name, out, with_file_logger(cfg, overrides))
     metrics_file = Path(env.setdefault("VERL_FILE_LOGGER_PATH", str(out / "metrics.jsonl")))  # verl's file logger
     metrics_file.parent.mkdir(parents=True, exist_ok=True)  # verl opens the file without making its directory
