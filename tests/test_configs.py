@@ -58,7 +58,7 @@ def test_demo_eval_settings():
     from spd_verl.train import eval_gamma, eval_min_runs
 
     cfg = _compose("spd_demo")
-    assert (eval_gamma(cfg), eval_min_runs(cfg, eval_gamma(cfg))) == (8, [1, 3, 4, 5])
+    assert (eval_gamma(cfg), eval_min_runs(cfg, eval_gamma(cfg))) == (8, [1, 3, 5])
     assert cfg.actor_rollout_ref.rollout.min_accept_run == 1  # training's validation is not gated
     cfg = _compose("spd_demo", ["spd.eval.num_speculative_tokens=4"])
     with pytest.raises(ValueError, match=r"spd.eval.min_runs must be <= num_speculative_tokens \(4\)"):
@@ -87,3 +87,15 @@ def test_demo_calibration_margin():
     for bad in ("0.02", "-0.001", "true", "abc"):
         with pytest.raises(ValueError, match=r"spd.eval.fine_tol must be a number in \[0, 0.01\]"):
             eval_fine_tol(_compose("spd_demo", [f"spd.eval.fine_tol={bad}"]))
+
+
+def test_demo_chooses_the_step_with_the_swap_proxy():
+    """The demo saves a judge every 5 steps, scores all on the swap proxy and calibrates the best one."""
+    from spd_verl.train import eval_judges, eval_proxy
+
+    cfg = _compose("spd_demo")
+    assert cfg.trainer.save_freq == 5 and eval_proxy(cfg) == (1, 400, 0.025)
+    exports = [(s, f"global_step_{s}/judge") for s in range(5, 65, 5)]
+    assert eval_judges(cfg, exports) == exports
+    with pytest.raises(ValueError, match=r"spd.eval.proxy_keep must be an integer >= 1 or null"):
+        eval_proxy(_compose("spd_demo", ["spd.eval.proxy_keep=0"]))

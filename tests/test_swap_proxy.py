@@ -146,10 +146,11 @@ def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world,
                   earlier=[(10, paths[10]), (20, paths[20])])
     record = json.loads((tmp_path / "k2.json").read_text())
     assert [c["judge"] for c in record["candidates"]] == [str(paths[20]), str(paths[30])]
-    cfg.spd.eval.proxy_keep = 3  # as many as there are judges: no bank is built
-    held_out_eval(cfg, paths[30], test, None, calibration_file=val, out_json=tmp_path / "k3.json",
-                  earlier=[(10, paths[10]), (20, paths[20])])
-    assert "swap_proxy" not in json.loads((tmp_path / "k3.json").read_text())
+    capsys.readouterr()
+    cfg.spd.eval.proxy_keep = 1  # no more judges than it keeps: no bank is built
+    held_out_eval(cfg, paths[20], test, None, calibration_file=val, out_json=tmp_path / "alone.json")
+    assert "swap_proxy" not in json.loads((tmp_path / "alone.json").read_text())
+    assert "swap proxy:" not in capsys.readouterr().out
 
 
 def test_eval_proxy_settings_are_checked():
@@ -168,3 +169,27 @@ def test_eval_proxy_settings_are_checked():
         c = OmegaConf.create(dict(spd=dict(eval={key: bad})))
         with pytest.raises(ValueError, match=msg):
             eval_proxy(c)
+
+
+def test_swap_proxy_script_scores_every_saved_judge(bank_world, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from spd_verl.scoring_model import export_judge
+
+    spec = importlib.util.spec_from_file_location("swap_proxy_script", "scripts/swap_proxy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for step in (5, 10):
+        export_judge(bank_world["judge"], tmp_path / "ckpt" / f"global_step_{step}" / "judge")
+    args = [str(tmp_path / "ckpt"), "--problems", "10", "--bank", str(tmp_path / "bank.pt"), "--budgets", "0.1,0.5"]
+    script.main(args + ["--out", str(tmp_path / "a.json")])
+    assert "bank: " in capsys.readouterr().out and (tmp_path / "bank.pt").exists()
+    script.main(args + ["--out", str(tmp_path / "b.json")])  # the saved bank, not rebuilt
+    assert "bank: " not in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a == b and [j["step"] for j in a["judges"]] == [5, 10] and a["mismatches"] == len(bank_world["bank"])
+    expected = swap_score(judge_logits(bank_world["judge"], bank_world["bank"]), bank_world["bank"], 0.1)
+    assert a["judges"][0]["scores"]["0.1"] == pytest.approx(expected)
+    with pytest.raises(SystemExit, match="built at γ 8, not --gamma 6"):
+        script.main(args + ["--gamma", "6"])
