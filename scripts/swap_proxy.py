@@ -42,6 +42,8 @@ def main(argv=None):
         bank = SwapBank(**torch.load(args.bank))
         if bank.gamma != args.gamma:
             raise SystemExit(f"--bank {args.bank} was built at γ {bank.gamma}, not --gamma {args.gamma}")
+        if bank.n_problems != args.problems:
+            raise SystemExit(f"--bank {args.bank} was built on {bank.n_problems} problems, not --problems {args.problems}")
     else:
         t0 = time.time()
         rows = load_rows(world.split(args.split), limit=args.problems)

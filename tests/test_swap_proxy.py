@@ -193,3 +193,5 @@ def test_swap_proxy_script_scores_every_saved_judge(bank_world, tmp_path, capsys
     assert a["judges"][0]["scores"]["0.1"] == pytest.approx(expected)
     with pytest.raises(SystemExit, match="built at γ 8, not --gamma 6"):
         script.main(args + ["--gamma", "6"])
+    with pytest.raises(SystemExit, match="built on 10 problems, not --problems 20"):
+        script.main([str(tmp_path / "ckpt"), "--problems", "20", "--bank", str(tmp_path / "bank.pt")])
