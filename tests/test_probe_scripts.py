@@ -176,3 +176,28 @@ def test_fresh_check_reads_both_record_formats(fresh_check, tmp_path):
     (run / "held_out_eval.json").write_text(json.dumps(dict(judge="J", gamma=8, calibration_pick=None, held_out=held)))
     with pytest.raises(ValueError, match=r"no calibrated pick for \['runX'\]"):
         fresh_check.picks(run / "held_out_eval.json")
+
+
+def test_lost_answers_lists_what_each_pick_loses_against_lossless(world, tmp_path, capsys):
+    """scripts/lost_answers.py (session 21): per pick, the problems it answers wrongly where lossless
+    SD is right (lost) and the reverse (gained); their balance is the accuracy difference."""
+    from spd_verl.scoring_model import ScoringModel, export_judge
+
+    script = _script("lost_answers")
+    export_judge(ScoringModel.from_backbone(world.draft), tmp_path / "judge")  # P(accept) 0.5 everywhere
+    for run, setting in (("accepts_all", 0.4), ("rejects_all", 0.6)):
+        (tmp_path / run).mkdir()
+        pick = dict(name=f"judge@{setting}", setting=setting, min_run=1, accuracy=0.9, tau=5.0)
+        (tmp_path / run / "held_out_eval.json").write_text(json.dumps(dict(
+            judge=str(tmp_path / "judge"), gamma=8, calibration_pick=pick, held_out=[dict(name="reject_all")])))
+    records = [str(tmp_path / run / "held_out_eval.json") for run in ("accepts_all", "accepts_all", "rejects_all")]
+    script.main(records + ["--split", "val", "--limit", "24", "--out", str(tmp_path / "lost.json")])
+    res = json.loads((tmp_path / "lost.json").read_text())
+    base = set(res["lossless_wrong"]["8"])
+    a, a2, r = res["picks"]
+    assert a == a2 and a["lost"] and not set(a["lost"]) & base  # accepting every draft token loses answers
+    assert set(a["wrong"]) == base - set(a["gained"]) | set(a["lost"])
+    assert len(a["wrong"]) == round(24 * (1 - a["accuracy"]))
+    assert (r["wrong"], r["lost"], r["gained"]) == (sorted(base), [], [])  # rejecting every mismatch is lossless SD
+    assert res["lost_by_every_pick"] == []
+    assert "| accepts_all: judge@0.4 (γ 8) |" in capsys.readouterr().out
