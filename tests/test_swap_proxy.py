@@ -1,5 +1,7 @@
 """The swap proxy (spd_verl.eval.swap_proxy): its bank's labels, the judge's logits on it, the score."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -177,7 +179,8 @@ def test_swap_proxy_script_scores_every_saved_judge(bank_world, tmp_path, capsys
 
     from spd_verl.scoring_model import export_judge
 
-    spec = importlib.util.spec_from_file_location("swap_proxy_script", "scripts/swap_proxy.py")
+    spec = importlib.util.spec_from_file_location(
+        "swap_proxy_script", Path(__file__).resolve().parents[1] / "scripts" / "swap_proxy.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     for step in (5, 10):
