@@ -42,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=400,
                     help="prompts per generate call (spd.eval.batch_size; the results do not depend on it)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="decoding processes (forked, CPU only; spd.eval.workers; the results do not depend on it)")
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every checkpoint's record here (JSON)")
     args = ap.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv=None):
                              f"(saved: {[step for step, _ in exports]})")
         exports = [(step, path) for step, path in exports if step in args.steps]
     world = load_world(args.world)
-    kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, workers=args.workers,
               eos_token_id=world.eos_token_id, progress=False)
     val, calib, test = (load_rows(world.split(s)) for s in ("val", "calib", "test"))
     lossless = evaluate([Rule.fixed("reject_all", RejectAll())], world.draft, world.target, None, world.tokenizer,

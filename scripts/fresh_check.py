@@ -75,12 +75,14 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=400,
                     help="prompts per generate call (spd.eval.batch_size; the results do not depend on it)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="decoding processes (forked, CPU only; spd.eval.workers; the results do not depend on it)")
     ap.add_argument("--out", type=Path, help="write every row here (JSON)")
     args = ap.parse_args(argv)
     entries = [e for path in args.records for e in picks(path)]
     world = load_world()
     rows = fresh_rows(args.n, args.seed)
-    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, workers=args.workers,
               eos_token_id=world.eos_token_id, progress=False)
     lossless = {}
     print(f"| pick | calib | held-out (250) | fresh ({args.n}) | fresh loss, points |")

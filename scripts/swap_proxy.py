@@ -32,6 +32,8 @@ def main(argv=None):
     ap.add_argument("--budgets", default=f"0.00625,0.0125,{DEFAULT_BUDGET},0.05",
                     help="comma-separated proxy budgets (harmful swaps per bank problem) to report")
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--workers", type=int, default=2,
+                    help="decoding processes (forked, CPU only; spd.eval.workers; the same bank)")
     ap.add_argument("--bank", type=Path, help="a bank file: loaded when it exists (and matches --gamma), else written")
     ap.add_argument("--world", default=None, help="world directory (default: the packaged one)")
     ap.add_argument("--out", type=Path, help="write every judge's scores here (JSON)")
@@ -48,7 +50,7 @@ def main(argv=None):
         t0 = time.time()
         rows = load_rows(world.split(args.split), limit=args.problems)
         bank = build_swap_bank(world.draft, world.target, world.tokenizer, rows, args.gamma, args.max_new_tokens,
-                               world.eos_token_id)
+                               world.eos_token_id, workers=args.workers)
         print(f"bank: {len(bank)} mismatches on {bank.n_problems} {args.split} problems, "
               f"{int(bank.harmful.sum())} harmful single swaps ({time.time() - t0:.0f} s)")
         if args.bank is not None:

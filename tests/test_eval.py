@@ -789,3 +789,22 @@ def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_pa
     assert f"not decoded: judge@{skipped[0]:g}" in report(pick, results, 0.01, "val.parquet")
     with pytest.raises(ValueError, match="accepted 3 mismatches"):
         reused({**by[first], "accepted_mismatches": 3}, 0.99)
+
+
+def test_workers_do_not_change_results(world):
+    """Forked decoding processes (spd.eval.workers / --workers): every row and response as in one process."""
+    rows = load_rows(world["data"])
+    judge = load_judge(world["root"] / "judge")
+    rules = build_rules(thresholds=[0.3, 0.7], target_prob_eps=[0.2], typical_eps=[], min_runs=(1, 2))
+    kw = dict(gamma=3, max_new_tokens=16, batch_size=4, progress=False, keep_outputs=True)
+    one = evaluate(rules, world["draft"], world["target"], judge, world["tokenizer"], rows, **kw)
+    two = evaluate(rules, world["draft"], world["target"], judge, world["tokenizer"], rows, workers=2, **kw)
+    assert [r["name"] for r in two] == [r["name"] for r in one]
+    for a, b in zip(one, two):
+        assert _same_metrics(a, b) and a["response_ids"] == b["response_ids"] and a["outputs"] == b["outputs"]
+    assert any(r["accepted_mismatches"] for r in one)  # the judge rules accepted something
+
+
+def test_cli_rejects_bad_workers(world, tmp_path, capsys):
+    assert main(cli_args(world, tmp_path / "o", extra=["--workers", "0"])) != 0
+    assert "--workers must be an integer >= 1" in capsys.readouterr().err

@@ -198,3 +198,15 @@ def test_swap_proxy_script_scores_every_saved_judge(bank_world, tmp_path, capsys
         script.main(args + ["--gamma", "6"])
     with pytest.raises(SystemExit, match="built on 10 problems, not --problems 20"):
         script.main([str(tmp_path / "ckpt"), "--problems", "20", "--bank", str(tmp_path / "bank.pt")])
+
+
+def test_bank_is_the_same_from_forked_workers(bank_world):
+    w = bank_world
+    two = build_swap_bank(w["draft"], w["target"], w["tokenizer"], w["rows"], GAMMA, MAX_NEW,
+                          w["world"].eos_token_id, batch_size=64, workers=2)
+    one = w["bank"]
+    assert two.prompts == one.prompts and two.responses == one.responses
+    for key in ("seq", "positions", "draft_tokens", "target_tokens", "runs", "harmful"):
+        assert torch.equal(getattr(two, key), getattr(one, key)), key
+    # The features are log-probs of batched forwards: smaller batches move their last bits only.
+    torch.testing.assert_close(two.features, one.features, rtol=0, atol=1e-5)

@@ -31,6 +31,7 @@ import torch
 from ..reward import is_correct
 from ..spd import RejectAll, SpeculativeDecoder
 from .data import prompt_ids
+from .parallel import check_cpu, check_workers, fork_map
 
 DEFAULT_BUDGET = 0.025  # harmful swaps accepted, per bank problem, up to which the score reads G(h)
 
@@ -65,18 +66,29 @@ class SwapBank:
 
 
 def build_swap_bank(draft, target, tokenizer, rows: list[dict], gamma: int, max_new_tokens: int,
-                    eos_token_id, batch_size: int = 400) -> SwapBank:
+                    eos_token_id, batch_size: int = 400, workers: int = 1) -> SwapBank:
     """Decode ``rows`` losslessly, then every single swap of their mismatches (see module docstring).
     Mismatches at the last position of the length budget are left out: a swap there has no room for
-    an answer."""
+    an answer. ``workers`` > 1: both decodes in that many forked CPU processes (the same bank; the features'
+    last bits follow the batch composition)."""
     if not rows:
         raise ValueError("the swap bank needs at least one problem; got no rows")
+    check_workers(workers)
+    check_cpu((draft, target), workers)
     dec = SpeculativeDecoder(draft, target, num_speculative_tokens=gamma)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+
+    def lossless(inputs: list, limits):
+        """Lossless SD of ``inputs`` (limits: an int or one per input), in batches across the workers."""
+        size = min(batch_size, -(-len(inputs) // workers))
+        starts = range(0, len(inputs), size)
+        return fork_map(lambda b: dec.generate(inputs[starts[b]:starts[b] + size], policy=RejectAll(),
+                                               max_new_tokens=limits if isinstance(limits, int) else
+                                               limits[starts[b]:starts[b] + size], eos_token_id=eos_token_id),
+                        len(starts), workers)
+
     responses, records = [], []
-    for i in range(0, len(prompts), batch_size):
-        res = dec.generate(prompts[i:i + batch_size], policy=RejectAll(), max_new_tokens=max_new_tokens,
-                           eos_token_id=eos_token_id)
+    for res in lossless(prompts, max_new_tokens):
         responses += res.responses
         records += res.decisions
     lossless_ok = [is_correct(tokenizer.decode(r, skip_special_tokens=True), row["ground_truth"])
@@ -91,13 +103,11 @@ def build_swap_bank(draft, target, tokenizer, rows: list[dict], gamma: int, max_
     swaps = [prompts[i] + responses[i][:p] + [d] for i, p, d in zip(cols["seq"], cols["positions"], cols["draft_tokens"])]
     limits = [max_new_tokens - p - 1 for p in cols["positions"]]
     harmful = []
-    for k in range(0, len(swaps), batch_size):
-        rest = dec.generate(swaps[k:k + batch_size], policy=RejectAll(), max_new_tokens=limits[k:k + batch_size],
-                            eos_token_id=eos_token_id).responses
-        for m, tail in enumerate(rest, start=k):
-            i, p = cols["seq"][m], cols["positions"][m]
-            text = tokenizer.decode(responses[i][:p] + [cols["draft_tokens"][m]] + tail, skip_special_tokens=True)
-            harmful.append(lossless_ok[i] and not is_correct(text, rows[i]["ground_truth"]))
+    rest = [tail for res in (lossless(swaps, limits) if swaps else []) for tail in res.responses]
+    for m, tail in enumerate(rest):
+        i, p = cols["seq"][m], cols["positions"][m]
+        text = tokenizer.decode(responses[i][:p] + [cols["draft_tokens"][m]] + tail, skip_special_tokens=True)
+        harmful.append(lossless_ok[i] and not is_correct(text, rows[i]["ground_truth"]))
     long = {k: torch.tensor(cols[k], dtype=torch.long) for k in ("seq", "positions", "draft_tokens", "target_tokens",
                                                                  "runs")}
     features = torch.tensor(cols["features"], dtype=torch.float32).reshape(len(harmful), -1)

@@ -17,6 +17,7 @@ from spd_verl.spd import (AcceptAll, Policy, RejectAll, SpeculativeDecoder, Targ
                           TypicalPolicy, run_gated)
 
 from .data import DEMO_DATA_SOURCE, prompt_ids
+from .parallel import check_cpu, check_workers, fork_map
 
 SWEPT = ("judge", "target_prob", "typical")  # families with a swept setting (a curve on the plot)
 SINGLE = ("reject_all", "accept_all", "oracle", "hand_rule")  # one point each
@@ -99,10 +100,13 @@ def _batches(items, size):
 
 def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict], gamma: int = 4,
              max_new_tokens: int = 128, batch_size: int = 32, eos_token_id=None, progress: bool = True,
-             decoder_kwargs: dict | None = None, keep_outputs: bool = False) -> list[dict]:
+             decoder_kwargs: dict | None = None, keep_outputs: bool = False, workers: int = 1) -> list[dict]:
     """Run every rule over ``rows`` (normalised eval rows, see data.load_rows); one dict per rule
     with the columns of ``COLUMNS``. τ = total emitted tokens / total target forwards over the set.
-    ``keep_outputs`` adds ``outputs`` (decoded responses) and ``response_ids`` per rule."""
+    ``keep_outputs`` adds ``outputs`` (decoded responses) and ``response_ids`` per rule.
+    ``workers`` > 1 decodes each rule's batches in that many forked CPU processes
+    (:mod:`spd_verl.eval.parallel`; batches shrink to give every worker one); the rows are the same,
+    ``wall_time_s`` is then the rule's elapsed time."""
     if not rows:
         raise ValueError("eval set is empty: no rows to evaluate")
     if not rules:
@@ -111,9 +115,12 @@ def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(r.needs_judge for r in rules) and judge is None:
         raise ValueError("judge rules requested but no judge was given (pass --judge DIR or --no-judge)")
+    check_workers(workers)
+    check_cpu((draft, target, judge), workers)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    batch_size = min(batch_size, -(-len(rows) // workers))  # a batch for every worker (results do not change)
     batches = list(zip(_batches(rows, batch_size), _batches(prompts, batch_size)))
     dec = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=gamma, **(decoder_kwargs or {}))
 
@@ -129,23 +136,28 @@ def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict
                 bar.set_description(f"eval {rule.name}")
             acc = dict(correct=0, emitted_tokens=0, target_forwards=0, mismatches=0, accepted_mismatches=0,
                        draft_kept=0, draft_proposed=0, nan_logits=0)
-            wall, texts_all, ids_all = 0.0, [], []
-            for batch_rows, batch_prompts in batches:
-                t0 = time.perf_counter()
+            texts_all, ids_all = [], []
+
+            def decode(i, rule=rule):
+                batch_rows, batch_prompts = batches[i]
                 res = dec.generate(batch_prompts, policy=rule.make(batch_rows), max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id)
-                texts = tokenizer.batch_decode(res.responses, skip_special_tokens=True)
+                if bar is not None and workers == 1:
+                    bar.update(1)
+                return res.responses, {k: int(res.stats.get(k, 0)) for k in acc if k != "correct"}
+
+            t0 = time.perf_counter()
+            for (batch_rows, _), (responses, stats) in zip(batches, fork_map(decode, len(batches), workers)):
+                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
                 acc["correct"] += sum(is_correct(t, r["ground_truth"]) for t, r in zip(texts, batch_rows))
-                wall += time.perf_counter() - t0
                 if keep_outputs:
                     texts_all += texts
-                    ids_all += res.responses
-                for k in acc:
-                    if k != "correct":
-                        acc[k] += int(res.stats.get(k, 0))
-                if bar is not None:
-                    bar.update(1)
-            out.append(_row(rule, len(rows), acc, wall))
+                    ids_all += responses
+                for k, v in stats.items():
+                    acc[k] += v
+            if bar is not None and workers > 1:
+                bar.update(len(batches))
+            out.append(_row(rule, len(rows), acc, time.perf_counter() - t0))
             if keep_outputs:
                 out[-1].update(outputs=texts_all, response_ids=ids_all)
     finally:
