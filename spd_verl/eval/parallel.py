@@ -39,6 +39,13 @@ def shards(n: int, workers: int) -> list[range]:
     return [range(n * w // k, n * (w + 1) // k) for w in range(k)]
 
 
+def batch_slices(n: int, batch_size: int, workers: int = 1) -> list[slice]:
+    """Consecutive batches of at most ``batch_size`` covering ``range(n)``, shrunk so that each of
+    ``workers`` gets one (the engine's results do not depend on the batch: README, Engine speed)."""
+    size = max(1, min(batch_size, -(-n // workers)))
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
 def fork_map(fn: Callable[[int], object], n: int, workers: int = 1) -> list:
     """``[fn(0), ..., fn(n - 1)]``, the indices split into ``workers`` contiguous shards: shard 0 runs
     here, the others in forked processes. torch's threads are divided among them for the duration

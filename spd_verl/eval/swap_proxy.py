@@ -31,7 +31,7 @@ import torch
 from ..reward import is_correct
 from ..spd import RejectAll, SpeculativeDecoder
 from .data import prompt_ids
-from .parallel import check_cpu, check_workers, fork_map
+from .parallel import batch_slices, check_cpu, check_workers, fork_map
 
 DEFAULT_BUDGET = 0.025  # harmful swaps accepted, per bank problem, up to which the score reads G(h)
 
@@ -80,12 +80,10 @@ def build_swap_bank(draft, target, tokenizer, rows: list[dict], gamma: int, max_
 
     def lossless(inputs: list, limits):
         """Lossless SD of ``inputs`` (limits: an int or one per input), in batches across the workers."""
-        size = min(batch_size, -(-len(inputs) // workers))
-        starts = range(0, len(inputs), size)
-        return fork_map(lambda b: dec.generate(inputs[starts[b]:starts[b] + size], policy=RejectAll(),
-                                               max_new_tokens=limits if isinstance(limits, int) else
-                                               limits[starts[b]:starts[b] + size], eos_token_id=eos_token_id),
-                        len(starts), workers)
+        slices = batch_slices(len(inputs), batch_size, workers)
+        return fork_map(lambda b: dec.generate(inputs[slices[b]], policy=RejectAll(), eos_token_id=eos_token_id,
+                                               max_new_tokens=limits if isinstance(limits, int) else limits[slices[b]]),
+                        len(slices), workers)
 
     responses, records = [], []
     for res in lossless(prompts, max_new_tokens):

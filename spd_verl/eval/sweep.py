@@ -17,7 +17,7 @@ from spd_verl.spd import (AcceptAll, Policy, RejectAll, SpeculativeDecoder, Targ
                           TypicalPolicy, run_gated)
 
 from .data import DEMO_DATA_SOURCE, prompt_ids
-from .parallel import check_cpu, check_workers, fork_map
+from .parallel import batch_slices, check_cpu, check_workers, fork_map
 
 SWEPT = ("judge", "target_prob", "typical")  # families with a swept setting (a curve on the plot)
 SINGLE = ("reject_all", "accept_all", "oracle", "hand_rule")  # one point each
@@ -94,10 +94,6 @@ def reference_rules(rows, target, tokenizer, max_new_tokens: int, eos_token_id, 
     return [Rule("oracle", None, oracle, "oracle")] + [Rule.fixed("hand_rule", hand, min_run=m) for m in min_runs]
 
 
-def _batches(items, size):
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict], gamma: int = 4,
              max_new_tokens: int = 128, batch_size: int = 32, eos_token_id=None, progress: bool = True,
              decoder_kwargs: dict | None = None, keep_outputs: bool = False, workers: int = 1) -> list[dict]:
@@ -120,8 +116,7 @@ def evaluate(rules: list[Rule], draft, target, judge, tokenizer, rows: list[dict
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    batch_size = min(batch_size, -(-len(rows) // workers))  # a batch for every worker (results do not change)
-    batches = list(zip(_batches(rows, batch_size), _batches(prompts, batch_size)))
+    batches = [(rows[b], prompts[b]) for b in batch_slices(len(rows), batch_size, workers)]
     dec = SpeculativeDecoder(draft, target, judge=judge, num_speculative_tokens=gamma, **(decoder_kwargs or {}))
 
     bar = None
