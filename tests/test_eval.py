@@ -382,7 +382,9 @@ def test_cli_calibrate_on_validation_data(world, tmp_path, capsys):
     out = tmp_path / "cal"
     assert main(cli_args(world, out, extra=["--calibrate-on", str(val), "--thresholds", "0.5"])) == 0
     cal = json.loads((out / "results.json").read_text())["settings"]["calibration"]
-    assert cal["n"] == 5 and cal["tol"] == 0.01 and set(COARSE_GRID) <= set(cal["thresholds"])
+    assert cal["n"] == 5 and cal["tol"] == 0.01
+    # the grid from its floor up to the first threshold that keeps the bar (higher ones give less τ)
+    assert [t for t in COARSE_GRID if t in cal["thresholds"]] == [t for t in COARSE_GRID if t <= cal["threshold"]]
     assert cal["accuracy"] >= cal["lossless_accuracy"] - 0.01  # the pick met the bar on the calibration set
     names = [r["name"] for r in json.loads((out / "results.json").read_text())["rows"]]
     assert f"judge@{cal['threshold']:g}" in names and "judge@0.5" in names  # the pick joined the held-out sweep
@@ -625,10 +627,12 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
     pick, coarse, fine = calibrate(world["draft"], world["target"], judge, world["tokenizer"], load_rows(val),
                                    grid=grid, fine_rows=load_rows(calib), fine_points=3, gamma=3,
                                    max_new_tokens=12, progress=False)
-    assert [x["n"] for x in coarse] == [4] * 4 and all(x["n"] == 6 for x in fine)
+    assert {x["n"] for x in coarse} == {4} and all(x["n"] == 6 for x in fine)
     assert [x["name"] for x in fine][0] == "reject_all"
-    window = fine_window(coarse, pick_threshold(coarse), 3)
-    assert [x["setting"] for x in fine[1:]] == window
+    # each stage stops at its first threshold that keeps the bar (and reuses a silent one's row above)
+    assert [x["setting"] for x in coarse[1:]] == [t for t in grid if t <= pick_threshold(coarse)["setting"]]
+    window = fine_window(coarse, pick_threshold(coarse), 3, grid=grid)
+    assert [x["setting"] for x in fine[1:]] == [t for t in window if t <= pick["setting"]]
     assert pick == pick_threshold(fine)
 
     assert fine_calibration_file(val, world["data"]) == calib
@@ -693,9 +697,10 @@ def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
 
 
 def test_calibration_chooses_the_run_gate_too(monkeypatch):
-    """min_runs=(1, 5): the coarse grid runs once per gate, each gate up to its own silent threshold
-    (one that accepts nothing). The fine stage sweeps each gate's window around that gate's coarse
-    pick, so the larger set decides the gate: here val prefers no gate, the larger set gate 5."""
+    """min_runs=(1, 5): the coarse grid runs once per gate, each gate up to its own first threshold
+    that keeps the bar. The fine stage sweeps each gate's window around that gate's coarse pick (up to
+    the first that keeps the bar there), so the larger set decides the gate: here val prefers no
+    gate, the larger set gate 5."""
     import spd_verl.eval.sweep as sweep_mod
     from spd_verl.eval.calibrate import calibrate, summary
 
@@ -721,11 +726,11 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
     monkeypatch.setattr(sweep_mod, "evaluate", fake)
     pick, coarse, fine = calibrate(None, None, object(), None, "val", grid=(0.1, 0.2, 0.3, 0.5),
                                    fine_rows="big", fine_points=5, min_runs=(1, 5))
-    assert ("val", "judge@0.5") not in decoded and ("val", "judge@0.3 run>=5") in decoded
-    assert [r["name"] for r in coarse if r.get("reused_from")] == ["judge@0.5"]
-    assert [r["name"] for r in fine[1:]] == ["judge@0.1", "judge@0.15", "judge@0.2", "judge@0.25", "judge@0.3",
-                                             "judge@0.1 run>=5", "judge@0.125 run>=5", "judge@0.15 run>=5",
-                                             "judge@0.175 run>=5", "judge@0.2 run>=5"]
+    assert [name for rows, name in decoded if rows == "val"] == ["reject_all", "judge@0.1", "judge@0.2",
+                                                                "judge@0.1 run>=5"]
+    # gate 1's window around 0.2 reaches up to the grid's 0.3, which val never decoded
+    assert [r["name"] for r in fine[1:]] == ["judge@0.1", "judge@0.15", "judge@0.2", "judge@0.25",
+                                             "judge@0.1 run>=5", "judge@0.125 run>=5"]
     assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.125, 5, 4.5)  # gate 1 keeps the bar at τ 4.0 only
     out = summary(pick, coarse, fine, 0.01)
     assert (out["threshold"], out["min_run"], out["coarse"]["threshold"], out["coarse"]["min_run"]) == (0.125, 5, 0.2, 1)
@@ -735,11 +740,51 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
     # stage and its windows are the same, the pick is the more conservative 0.175 behind gate 5.
     pick, coarse_m, fine_m = calibrate(None, None, object(), None, "val", grid=(0.1, 0.2, 0.3, 0.5),
                                        fine_rows="big", fine_points=5, min_runs=(1, 5), fine_tol=0.0)
-    assert coarse_m == coarse and [r["name"] for r in fine_m] == [r["name"] for r in fine]
+    assert coarse_m == coarse
+    assert [r["name"] for r in fine_m[1:]] == ["judge@0.1", "judge@0.15", "judge@0.2", "judge@0.25", "judge@0.3",
+                                               "judge@0.1 run>=5", "judge@0.125 run>=5", "judge@0.15 run>=5",
+                                               "judge@0.175 run>=5"]
     assert (pick["setting"], pick["min_run"], pick["tau"]) == (0.175, 5, 4.1)
     assert summary(pick, coarse_m, fine_m, 0.01, 0.0)["tol"] == 0.0
     with pytest.raises(ValueError, match=r"fine_tol must be in \[0, tol=0.01\]"):
         calibrate(None, None, object(), None, "val", fine_rows="big", fine_tol=0.02)
+
+
+def test_calibration_stops_at_the_first_threshold_that_keeps_the_bar(monkeypatch):
+    """Above a gate's first threshold that keeps the bar, τ only falls, so nothing there is decoded:
+    the pick is the one a full sweep makes (stop_at_bar=False), for fewer decodes in both stages."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate
+
+    grid = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    # accuracy rises and τ falls with the threshold; val passes from 0.3 (bar 0.983), big from 0.3 (0.975)
+    val = {t: (min(0.993, 0.95 + 0.15 * t), 5.5 - 2 * t, int(10 - 10 * t)) for t in grid}
+    big = lambda t: (min(0.985, 0.94 + 0.12 * t), 5.4 - 2 * t, int(10 - 10 * t))  # noqa: E731
+    decoded = []
+
+    def fake(rules, draft, target, judge, tok, rows, **kw):
+        rule = rules[0]
+        decoded.append((rows, rule.name))
+        if rule.name == "reject_all":
+            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
+            return [dict(rule="reject_all", setting=None, name="reject_all", accuracy=acc, tau=tau,
+                         accepted_mismatches=0)]
+        acc, tau, accepted = val[rule.setting] if rows == "val" else big(rule.setting)
+        return [dict(rule="judge", setting=rule.setting, name=rule.name, accuracy=acc, tau=tau,
+                     accepted_mismatches=accepted)]
+
+    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    kw = dict(grid=grid, fine_rows="big", fine_points=5, fine_tol=0.01)
+    full, coarse_full, fine_full = calibrate(None, None, object(), None, "val", stop_at_bar=False, **kw)
+    n_full = len(decoded)
+    decoded.clear()
+    pick, coarse, fine = calibrate(None, None, object(), None, "val", **kw)
+    assert (pick["setting"], pick["tau"]) == (full["setting"], full["tau"])
+    assert [r["setting"] for r in coarse[1:]] == [0.1, 0.2, 0.3]  # 0.4-0.6 give less τ: not decoded
+    assert [r["setting"] for r in coarse_full[1:]] == list(grid)
+    # the window spans the grid step above the coarse pick (0.4) though val never decoded it
+    assert [r["setting"] for r in fine_full[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4]
+    assert [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3] and len(decoded) == n_full - 5
 
 
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
@@ -772,7 +817,7 @@ def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_pa
     monkeypatch.setattr(sweep_mod, "evaluate", lambda rules, *a, **k: decoded.extend(r.name for r in rules)
                         or real(rules, *a, **k))
     grid = (0.02, 0.3, 0.5, 0.9, 0.99, 0.999999)
-    pick, results, fine = calibrate(*models, grid=grid, refine_points=0, **kw)
+    pick, results, fine = calibrate(*models, grid=grid, refine_points=0, stop_at_bar=False, **kw)
     assert fine == []
     by = {r["setting"]: r for r in results if r["rule"] == "judge"}
     assert sorted(by) == sorted(grid) and by[0.02]["accepted_mismatches"] > 0

@@ -29,6 +29,13 @@ Thresholds run in ascending order, and once one accepts no mismatch on the whole
 are not decoded: every decision on that set then scored at most that threshold, so a higher one
 rejects the same decisions on the same (lossless) trajectories and its row is the same, measured
 (marked ``reused_from``). A judge whose P(accept) stays below 0.5 skips half the grid this way.
+
+Nor are the thresholds above the first one that keeps the bar (per run gate and stage): a higher
+threshold accepts fewer mismatches and gives less τ, so the first passing threshold is that gate's
+pick. Replayed on the calibrations recorded in docs/results (sessions 9-22), this gives the same
+pick in all 57 fine stages (at the 0.5- and the 1-point bar alike) and the same fine windows in all
+164 coarse sweeps of one gate, and skips 46% of the fine stages' decodes and 47% of the coarse
+ones (README: Results, session 23).
 """
 
 from __future__ import annotations
@@ -135,22 +142,26 @@ def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float,
                       report(pick, fine, tol if fine_tol is None else fine_tol, fine_source, stage="calibration")])
 
 
-def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: int | None = None) -> list[float]:
+def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: int | None = None,
+                grid=None) -> list[float]:
     """``points`` evenly spaced thresholds from the coarse grid step below the pick to the one above
     (both included): where the fine stage looks, since a small coarse set can miss the crossing by
     a grid step either way. The window is centred on the *lowest* threshold with the pick's τ (a
     judge that accepts nothing from 0.6 up ties lossless everywhere there; the pick reports 0.99,
     the crossing is just below 0.6). No pick (nothing kept accuracy): the top grid step.
 
-    rows: the coarse sweep (its judge settings are the grid). Only one run gate's rows are read:
-    the pick's, else ``min_run``, else the smallest swept."""
+    rows: the coarse sweep. Only one run gate's rows are read: the pick's, else ``min_run``, else the
+    smallest swept. ``grid``: the coarse thresholds, decoded or not (default: that gate's swept
+    settings; the sweep stops at the first threshold that keeps the bar, so the step above the
+    pick is often not among them)."""
     if points < 2:
         raise ValueError(f"fine calibration needs at least 2 points, got {points}")
     gate = (_min_run(pick) if pick is not None else min_run if min_run is not None
             else min((_min_run(r) for r in _judge_rows(rows)), default=1))
-    grid = [r["setting"] for r in _judge_rows(rows, gate)]
-    if not grid:
+    swept = [r["setting"] for r in _judge_rows(rows, gate)]
+    if not swept:
         raise ValueError("fine_window needs the coarse sweep's judge rows")
+    grid = sorted(set(swept) | set(grid or ()))
     if pick is None:
         lo, hi = grid[-2] if len(grid) > 1 else grid[-1], grid[-1]
     else:
@@ -165,7 +176,7 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: i
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
-              fine_tol: float | None = None, min_runs=(1,),
+              fine_tol: float | None = None, min_runs=(1,), stop_at_bar: bool = True,
               **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
@@ -183,6 +194,9 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     points on 2,000 fresh ones; at 0.005 all nine lost 0.15-0.75; README: Results, sessions 17-18).
     The coarse stage keeps ``tol``: it only places the windows.
 
+    ``stop_at_bar``: per gate and stage, decode no threshold above the first that keeps the bar
+    (module docstring); False decodes every one, for the whole accuracy/τ curve.
+
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
     from spd_verl.spd import RejectAll
@@ -196,18 +210,22 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     if not min_runs or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in min_runs):
         raise ValueError(f"min_runs must be integers >= 1 (1 = no run gate), got {min_runs!r}")
 
-    def run(thresholds, data, results, gate, baseline=False):
+    def run(thresholds, data, results, gate, bar_tol, baseline=False):
         """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` behind run gate
         ``gate`` on ``data``, reusing the row of the lowest threshold that accepted nothing for every
-        higher one."""
+        higher one, and stopping after the first that keeps accuracy within ``bar_tol`` of lossless
+        (a higher one gives less τ; module docstring)."""
         if baseline:
             results += evaluate([Rule.fixed("reject_all", RejectAll())], draft, target, judge, tokenizer, data,
                                 **eval_kwargs)
+        bar = lossless(results)["accuracy"] - bar_tol - 1e-12
         silent = next((r for r in _judge_rows(results, gate) if r["accepted_mismatches"] == 0), None)
         for t in sorted(thresholds):
             if silent is not None and t >= silent["setting"]:
-                results.append(reused(silent, t))
+                results.append(reused(silent, t))  # free, and keeps pick_threshold's tie-break
                 continue
+            if stop_at_bar and any(r["accuracy"] >= bar for r in _judge_rows(results, gate) if r["setting"] < t):
+                break
             row = evaluate([judge_rule(t, gate)], draft, target, judge, tokenizer, data, **eval_kwargs)[0]
             results.append(row)
             if row["accepted_mismatches"] == 0:
@@ -216,7 +234,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
 
     coarse = []
     for i, m in enumerate(min_runs):
-        run(grid, rows, coarse, m, baseline=i == 0)
+        run(grid, rows, coarse, m, tol, baseline=i == 0)
     pick = pick_threshold(coarse, tol)
     gate = min_runs[0] if pick is None else _min_run(pick)
     if fine_rows is not None:
@@ -228,7 +246,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             # Only around the gate's own coarse pick: a threshold val rejected is not tried again on
             # the larger set, where the best of more candidates would be picked at a luckier draw
             # (README: Results, session 13, measured a walk down the grid this way).
-            run(fine_window(coarse, own, fine_points, m), fine_rows, fine, m, baseline=not fine)
+            run(fine_window(coarse, own, fine_points, m, grid), fine_rows, fine, m, fine_tol, baseline=not fine)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
@@ -236,11 +254,11 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
         for t in (t for t in sorted(grid) if t > top):
             if pick_threshold(fine, fine_tol) is not None:
                 break
-            run([t], fine_rows, fine, gate)
+            run([t], fine_rows, fine, gate, fine_tol)
         return pick_threshold(fine, fine_tol), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
-        run(finer, rows, coarse, gate)
+        run(finer, rows, coarse, gate, tol)
         pick = pick_threshold(coarse, tol)
     return pick, coarse, []
 
