@@ -238,7 +238,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     ``spd.eval.proxy_keep`` = k, only the k of them (the last judge included) that the swap proxy
     ranks highest are calibrated (:func:`proxy_preselect`, on the first ``spd.eval.proxy_problems``
     of the fine calibration file, else of the calibration file).
-    ``out_json``: every table printed, as JSON."""
+    ``out_json``: every table printed, as JSON, with each phase's wall time (``eval_seconds``)."""
     from spd_verl.eval.calibrate import calibrate, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
@@ -259,6 +259,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     pick = None
     record = {"judge": str(judge_dir), "test_file": str(test_file), "gamma": gamma, "min_runs": min_runs,
               "calibration_file": None}
+    seconds, t0 = {}, time.time()  # the demo's time budget: which phase takes it
     if calibration_file is not None:
         for path in (calibration_file, fine_file):
             if path is not None and path.resolve() == Path(test_file).resolve():
@@ -271,6 +272,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         if keep is not None and len(judges) > keep:
             judges, record["swap_proxy"] = proxy_preselect(
                 judges, draft, target, tokenizer, (fine_rows or calib_rows)[:proxy_problems], kw, keep, budget)
+            seconds["swap_proxy"], t0 = time.time() - t0, time.time()
         earlier = [j for j in judges if j[1] != judge_dir]  # calibrated besides the last judge (or instead)
         candidates, chosen = [], None
         for _, path in judges:
@@ -295,6 +297,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                       calibration_fine=chosen["fine"])
         if earlier:
             record["candidates"] = [{k: c[k] for k in ("judge", "pick", "coarse", "fine")} for c in candidates]
+        seconds["calibration"], t0 = time.time() - t0, time.time()
     test_rows = load_rows(test_file, limit)
     rules = [Rule.fixed("reject_all", RejectAll())] + [judge_rule(t, m) for t, m in settings]
     rows = evaluate(rules, draft, target, last, tokenizer, test_rows, **kw)
@@ -309,9 +312,13 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         tag = f" ({which}chosen on {(fine_file or calibration_file).name})" if i else ""
         parts.append(f"{r['name']}{tag} acc {r['accuracy']:.1%} tau {r['tau']:.3f} ({r['tau'] / base['tau']:.2f}x lossless)")
     print(f"held-out ({base['n']} problems, γ {gamma}): " + " | ".join(parts))
+    seconds["held_out"] = time.time() - t0
+    print("evaluation wall time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in seconds.items()),
+          flush=True)
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps({**record, "held_out": rows}, indent=1, default=str))
+        Path(out_json).write_text(json.dumps({**record, "held_out": rows, "eval_seconds": seconds}, indent=1,
+                                             default=str))
         print(f"wrote {out_json}")
     return rows
 

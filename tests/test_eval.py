@@ -651,6 +651,8 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
     assert saved["held_out"][0]["tau"] == pytest.approx(rows[0]["tau"])
     assert {x["n"] for x in saved["calibration_coarse"]} == {4} and {x["n"] for x in saved["calibration_fine"]} == {6}
     assert saved["fine_calibration_file"] == str(calib)
+    assert set(saved["eval_seconds"]) == {"calibration", "held_out"} and min(saved["eval_seconds"].values()) > 0
+    assert "evaluation wall time: calibration " in out
     if len(rows) == 3:
         assert f"(chosen on calib.parquet) acc" in out
     with pytest.raises(ValueError, match="is the held-out test file"):

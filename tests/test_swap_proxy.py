@@ -141,6 +141,7 @@ def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world,
     scores = {r["step"]: r["score"] for r in record["swap_proxy"]}
     assert scores[10] == scores[30] < scores[20]  # the same judge twice; the ranking one is ahead
     assert [c["judge"] for c in record["candidates"]] == [str(paths[20])] and record["judge"] == str(paths[20])
+    assert list(record["eval_seconds"]) == ["swap_proxy", "calibration", "held_out"]
     out = capsys.readouterr().out
     assert "| global_step_20's judge | " in out and f"calibrating the judge {paths[10]}" not in out
     cfg.spd.eval.proxy_keep = 2  # the tie between 10 and 30 goes to the later
@@ -151,7 +152,8 @@ def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world,
     capsys.readouterr()
     cfg.spd.eval.proxy_keep = 1  # no more judges than it keeps: no bank is built
     held_out_eval(cfg, paths[20], test, None, calibration_file=val, out_json=tmp_path / "alone.json")
-    assert "swap_proxy" not in json.loads((tmp_path / "alone.json").read_text())
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert "swap_proxy" not in alone and "swap_proxy" not in alone["eval_seconds"]
     assert "swap proxy:" not in capsys.readouterr().out
 
 
