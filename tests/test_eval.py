@@ -659,6 +659,23 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
         held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val, fine_file=world["data"])
 
 
+def fake_sweep(decoded: list, table):
+    """A stand-in for spd_verl.eval.sweep.evaluate on the rows "val" (lossless 99.3% / 3.8) and "big"
+    (98.5% / 3.7): one row per call, a judge rule's from ``table(rows, rule)`` -> (accuracy, τ,
+    accepted mismatches); every call is recorded in ``decoded`` as (rows, rule name)."""
+    def fake(rules, draft, target, judge, tok, rows, **kw):
+        rule = rules[0]
+        decoded.append((rows, rule.name))
+        if rule.name == "reject_all":
+            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
+            return [dict(rule="reject_all", setting=None, min_run=1, name="reject_all", accuracy=acc, tau=tau, n=150,
+                         accepted_mismatches=0)]
+        acc, tau, accepted = table(rows, rule)
+        return [dict(rule="judge", setting=rule.setting, min_run=rule.min_run, name=rule.name, accuracy=acc,
+                     tau=tau, accepted_mismatches=accepted)]
+    return fake
+
+
 def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
     """Run Q's shape: on val, 0.3-0.5 tie (a plateau) and the window centres on 0.3; on the larger set
     nothing from 0.2 to 0.4 keeps the bar. The grid above the window is tried in order until a
@@ -672,19 +689,8 @@ def test_fine_stage_walks_up_the_grid_when_the_window_fails(monkeypatch):
     big = {0.2: (0.958, 5.4, 9), 0.25: (0.97, 4.9, 8), 0.3: (0.97, 4.85, 8), 0.35: (0.97, 4.85, 8),
            0.4: (0.97, 4.85, 8), 0.5: (0.97, 4.85, 8), 0.6: (0.98, 4.8, 7), 0.7: (0.985, 3.7, 0)}
     decoded = []
-
-    def fake(rules, draft, target, judge, tok, rows, **kw):
-        table, lossless = (val, (0.993, 3.8)) if rows == "val" else (big, (0.985, 3.7))
-        decoded.append((rows, rules[0].name))
-        rule = rules[0]
-        if rule.name == "reject_all":
-            return [dict(rule="reject_all", setting=None, name="reject_all", accuracy=lossless[0], tau=lossless[1],
-                         accepted_mismatches=0)]
-        acc, tau, accepted = table[rule.setting]
-        return [dict(rule="judge", setting=rule.setting, name=rule.name, accuracy=acc, tau=tau,
-                     accepted_mismatches=accepted)]
-
-    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    monkeypatch.setattr(sweep_mod, "evaluate",
+                        fake_sweep(decoded, lambda rows, rule: (val if rows == "val" else big)[rule.setting]))
     pick, coarse, fine = calibrate(None, None, object(), None, "val", grid=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
                                    fine_rows="big", fine_points=5)
     assert [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6]
@@ -713,19 +719,8 @@ def test_calibration_chooses_the_run_gate_too(monkeypatch):
            5: {0.1: (0.97, 4.7, 6), 0.125: (0.98, 4.5, 5), 0.15: (0.98, 4.4, 5), 0.175: (0.985, 4.1, 4),
                0.2: (0.985, 4.0, 3)}}
     decoded = []
-
-    def fake(rules, draft, target, judge, tok, rows, **kw):
-        rule = rules[0]
-        decoded.append((rows, rule.name))
-        if rule.name == "reject_all":
-            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
-            return [dict(rule="reject_all", setting=None, min_run=1, name="reject_all", accuracy=acc, tau=tau, n=150,
-                         accepted_mismatches=0)]
-        acc, tau, accepted = (val if rows == "val" else big)[rule.min_run][rule.setting]
-        return [dict(rule="judge", setting=rule.setting, min_run=rule.min_run, name=rule.name, accuracy=acc,
-                     tau=tau, accepted_mismatches=accepted)]
-
-    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    monkeypatch.setattr(sweep_mod, "evaluate", fake_sweep(
+        decoded, lambda rows, rule: (val if rows == "val" else big)[rule.min_run][rule.setting]))
     pick, coarse, fine = calibrate(None, None, object(), None, "val", grid=(0.1, 0.2, 0.3, 0.5),
                                    fine_rows="big", fine_points=5, min_runs=(1, 5))
     assert [name for rows, name in decoded if rows == "val"] == ["reject_all", "judge@0.1", "judge@0.2",
@@ -763,19 +758,8 @@ def test_calibration_stops_at_the_first_threshold_that_keeps_the_bar(monkeypatch
     val = {t: (min(0.993, 0.95 + 0.15 * t), 5.5 - 2 * t, int(10 - 10 * t)) for t in grid}
     big = lambda t: (min(0.985, 0.94 + 0.12 * t), 5.4 - 2 * t, int(10 - 10 * t))  # noqa: E731
     decoded = []
-
-    def fake(rules, draft, target, judge, tok, rows, **kw):
-        rule = rules[0]
-        decoded.append((rows, rule.name))
-        if rule.name == "reject_all":
-            acc, tau = (0.993, 3.8) if rows == "val" else (0.985, 3.7)
-            return [dict(rule="reject_all", setting=None, name="reject_all", accuracy=acc, tau=tau,
-                         accepted_mismatches=0)]
-        acc, tau, accepted = val[rule.setting] if rows == "val" else big(rule.setting)
-        return [dict(rule="judge", setting=rule.setting, name=rule.name, accuracy=acc, tau=tau,
-                     accepted_mismatches=accepted)]
-
-    monkeypatch.setattr(sweep_mod, "evaluate", fake)
+    monkeypatch.setattr(sweep_mod, "evaluate", fake_sweep(
+        decoded, lambda rows, rule: val[rule.setting] if rows == "val" else big(rule.setting)))
     kw = dict(grid=grid, fine_rows="big", fine_points=5, fine_tol=0.01)
     full, coarse_full, fine_full = calibrate(None, None, object(), None, "val", stop_at_bar=False, **kw)
     n_full = len(decoded)
