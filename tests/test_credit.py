@@ -23,6 +23,7 @@ from spd_verl.verl_ext.credit import (UNCERTAIN_FLOOR, Continuation, CreditConfi
                                       center_soft_terms,
                                       credit_config_from, decision_credit, number_token_ids, soft_risk,
                                       uncertainty_weights)
+from spd_verl.verl_ext.keys import DECISIONS_KEY
 
 
 def test_credit_config_from_and_errors():
@@ -272,8 +273,13 @@ def test_server_lossless_requests_equal_reject_all(tiny_world):
     got, outs = asyncio.run(run())
     ref = server.decoder.generate(prompts, RejectAll(), max_new_tokens=[4, 12], eos_token_id=server.eos_token_id)
     assert got == ref.responses
+    # decoded by the target alone, with lossless SD's counts (the gated reward reads the mismatches)
+    assert [o.extra_fields["spd_mismatches"] for o in outs] == [r.mismatches for r in ref.decisions]
+    assert [o.extra_fields["spd_target_forwards"] for o in outs] == [r.target_forwards for r in ref.decisions]
+    assert all(DECISIONS_KEY not in o.extra_fields for o in outs)  # nothing was decided
     # the soft risk's input: the target's log-prob of every returned token
-    assert [o.extra_fields["spd_target_logprobs"] for o in outs] == ref.target_logprobs
+    for o, lps in zip(outs, ref.target_logprobs):
+        assert o.extra_fields["spd_target_logprobs"] == pytest.approx(lps, abs=1e-5)
     assert [len(o.extra_fields["spd_target_logprobs"]) for o in outs] == [len(g) for g in got]
     assert all(o.extra_fields["spd_decision_mode"] == "lossless" for o in outs)
     assert all(o.extra_fields["spd_accepted_mismatches"] == 0 for o in outs)

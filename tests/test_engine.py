@@ -64,6 +64,36 @@ def test_sampled_draft_still_lossless_and_seeded(models):
         assert r == greedy(target, p, 20)
 
 
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+def test_generate_lossless_equals_reject_all(models, gamma):
+    """The target alone emits lossless SD's text, and the replay counts its mismatches and forwards."""
+    target, draft = models
+    prompts = random_prompts(8, seed=gamma)
+    row, eos, eos_len = _eos_inside(target, prompts)
+    limits = [40, 5, 40, 17, 40, 1, 40, 33]
+    dec = SpeculativeDecoder(draft, target, num_speculative_tokens=gamma)
+    sd = dec.generate(prompts, RejectAll(), max_new_tokens=limits, eos_token_id=eos)
+    fast = dec.generate_lossless(prompts, max_new_tokens=limits, eos_token_id=eos)
+    assert fast.responses == sd.responses
+    assert fast.responses[row][-1] == eos and [len(r) for r in fast.responses][5] == 1
+    assert fast.mismatches == [r.mismatches for r in sd.decisions] and sum(fast.mismatches) > 0
+    assert fast.target_forwards == [r.target_forwards for r in sd.decisions]
+    for a, b in zip(fast.target_logprobs, sd.target_logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+    with pytest.raises(ValueError, match="max_new_tokens has 2 limits for 8 prompts"):
+        dec.generate_lossless(prompts, max_new_tokens=[3, 3])
+
+
+def test_generate_lossless_with_a_sampled_draft_runs_lossless_sd(models):
+    target, draft = models
+    prompts = random_prompts(3, seed=5)
+    make = lambda: SpeculativeDecoder(draft, target, num_speculative_tokens=3, draft_temperature=1.0, seed=9)  # noqa: E731
+    fast = make().generate_lossless(prompts, max_new_tokens=20)
+    sd = make().generate(prompts, RejectAll(), max_new_tokens=20)
+    assert fast.responses == sd.responses == [greedy(target, p, 20) for p in prompts]
+    assert fast.mismatches == [r.mismatches for r in sd.decisions]  # the sampled proposals' own count
+
+
 @pytest.mark.parametrize("gamma", [1, 4])
 def test_accept_all_semantics(models, gamma):
     target, draft = models

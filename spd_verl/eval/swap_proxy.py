@@ -23,6 +23,7 @@ context), so it ranks judges for a calibration to measure, and never replaces on
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -78,15 +79,16 @@ def build_swap_bank(draft, target, tokenizer, rows: list[dict], gamma: int, max_
     dec = SpeculativeDecoder(draft, target, num_speculative_tokens=gamma)
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
-    def lossless(inputs: list, limits):
-        """Lossless SD of ``inputs`` (limits: an int or one per input), in batches across the workers."""
+    def lossless(inputs: list, limits, decode):
+        """``decode`` (lossless SD, or the target alone where only the text counts) of ``inputs``
+        (limits: an int or one per input), in batches across the workers."""
         slices = batch_slices(len(inputs), batch_size, workers)
-        return fork_map(lambda b: dec.generate(inputs[slices[b]], policy=RejectAll(), eos_token_id=eos_token_id,
-                                               max_new_tokens=limits if isinstance(limits, int) else limits[slices[b]]),
+        return fork_map(lambda b: decode(inputs[slices[b]], eos_token_id=eos_token_id,
+                                         max_new_tokens=limits if isinstance(limits, int) else limits[slices[b]]),
                         len(slices), workers)
 
     responses, records = [], []
-    for res in lossless(prompts, max_new_tokens):
+    for res in lossless(prompts, max_new_tokens, functools.partial(dec.generate, policy=RejectAll())):
         responses += res.responses
         records += res.decisions
     lossless_ok = [is_correct(tokenizer.decode(r, skip_special_tokens=True), row["ground_truth"])
@@ -101,7 +103,8 @@ def build_swap_bank(draft, target, tokenizer, rows: list[dict], gamma: int, max_
     swaps = [prompts[i] + responses[i][:p] + [d] for i, p, d in zip(cols["seq"], cols["positions"], cols["draft_tokens"])]
     limits = [max_new_tokens - p - 1 for p in cols["positions"]]
     harmful = []
-    rest = [tail for res in (lossless(swaps, limits) if swaps else []) for tail in res.responses]
+    tails = lossless(swaps, limits, dec.generate_lossless) if swaps else []  # only their text counts
+    rest = [tail for res in tails for tail in res.responses]
     for m, tail in enumerate(rest):
         i, p = cols["seq"][m], cols["positions"][m]
         text = tokenizer.decode(responses[i][:p] + [cols["draft_tokens"][m]] + tail, skip_special_tokens=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import SlotCache
+from .lossless import LosslessResult, replay_lossless, target_greedy
 from .policies import NUM_FEATURES, DecisionContext, Policy, RejectAll
 
 
@@ -334,6 +335,22 @@ class SpeculativeDecoder:
                 c.maybe_compact()
 
         return SDResult(responses, records, self._stats(responses, records, counters), target_lps)
+
+    @torch.no_grad()
+    def generate_lossless(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int] = 64,
+                          eos_token_id=None) -> LosslessResult:
+        """What ``generate(prompts, RejectAll())`` emits, and its mismatch and target-forward counts,
+        decoded by the target alone (``lossless.py``: faster when the draft is not much cheaper than
+        the target). A sampled draft's proposals cannot be replayed: then this runs lossless SD."""
+        limits = self._validate(prompts, RejectAll(), max_new_tokens)
+        if self.draft_temperature > 0:
+            res = self.generate(prompts, RejectAll(), limits, eos_token_id)
+            return LosslessResult(res.responses, res.target_logprobs, [r.mismatches for r in res.decisions],
+                                  [r.target_forwards for r in res.decisions])
+        responses, logprobs = target_greedy(self.target, prompts, limits, _eos_set(eos_token_id),
+                                            self.preallocate_cache)
+        mismatches, forwards = replay_lossless(self.draft, prompts, responses, self.gamma)
+        return LosslessResult(responses, logprobs, mismatches, forwards)
 
     @staticmethod
     def _stats(responses, records, counters) -> dict:

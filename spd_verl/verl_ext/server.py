@@ -8,8 +8,9 @@ an inference server batches. The judge's weights come from the actor on every ``
 
 Decision rule per request: temperature 0 (verl's validation default) or ``decision_mode=threshold``
 → accept iff σ(s) > ``score_threshold``; otherwise accept ~ Bernoulli(σ(s / T)). A request whose
-sampling params carry ``spd_policy="reject_all"`` is decoded losslessly (the target's greedy text):
-the per-decision credit of ``credit.py`` continues its branches that way.
+sampling params carry ``spd_policy="reject_all"`` is decoded losslessly (the target's greedy text, by
+the target alone: ``SpeculativeDecoder.generate_lossless``): the per-decision credit of
+``credit.py`` continues its branches that way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.replica import TokenOutput
 
 from ..scoring_model import decision_log_probs, export_judge
-from ..spd import BernoulliPolicy, RejectAll, SpeculativeDecoder, ThresholdPolicy, run_gated
+from ..spd import BernoulliPolicy, SpeculativeDecoder, ThresholdPolicy, run_gated
 from .config import KEY, SPDRolloutConfig
 from .judge import build_judge, lora_merged, wrap_lora
 from .keys import DECISIONS_KEY, POLICY_PARAM, TARGET_LOGPROBS_KEY
@@ -212,8 +213,10 @@ class SPDServer:
     def _generate_group(self, key: tuple, prompts: list[list[int]], limits: list[int]) -> list[TokenOutput]:
         mode, temperature = key
         if mode == "lossless":
-            policy = RejectAll()
-        elif mode == "threshold":
+            res = self.decoder.generate_lossless(prompts, max_new_tokens=limits, eos_token_id=self.eos_token_id)
+            return [self._lossless_output(resp, lps, m, f, limit, len(prompts)) for resp, lps, m, f, limit in
+                    zip(res.responses, res.target_logprobs, res.mismatches, res.target_forwards, limits)]
+        if mode == "threshold":
             policy = run_gated(ThresholdPolicy(self.config.score_threshold), self.config.min_accept_run)
         else:
             policy = run_gated(TemperedBernoulli(self._rng.randrange(2**62), temperature), self.config.min_accept_run)
@@ -225,6 +228,23 @@ class SPDServer:
             out.extra_fields["spd_batch_size"] = len(prompts)  # how many requests shared the engine call
         return outputs
 
+    def _lossless_output(self, response, target_logprobs, mismatches, target_forwards, max_new_tokens,
+                         batch_size) -> TokenOutput:
+        """A lossless request's answer: the target's greedy text and what lossless SD would count for
+        it. No decision records: no policy decided anything (every mismatch is rejected)."""
+        finished, truncated = self._ending(response, max_new_tokens)
+        extra = {"global_steps": self.global_steps, "spd_mismatches": mismatches, "spd_accepted_mismatches": 0,
+                 "spd_forced_rejects": 0, "spd_accepted_run_tokens": 0, "spd_target_forwards": target_forwards,
+                 "spd_truncated": truncated, "spd_decision_mode": "lossless",
+                 TARGET_LOGPROBS_KEY: list(target_logprobs), "spd_batch_size": batch_size}
+        return TokenOutput(token_ids=list(response), log_probs=[0.0] * len(response),
+                           stop_reason="completed" if finished else "length", extra_fields=extra)
+
+    def _ending(self, response, max_new_tokens) -> tuple[bool, bool]:
+        """(finished with an EOS, stopped by the token budget instead)."""
+        finished = bool(response) and response[-1] in self.eos_token_id
+        return finished, (not finished) and len(response) >= max_new_tokens
+
     def _token_output(self, response, record, temperature, max_new_tokens, mode, target_logprobs) -> TokenOutput:
         log_probs = [0.0] * len(response)
         if record.positions:
@@ -232,7 +252,7 @@ class SPDServer:
             lp, _ = decision_log_probs(logits, torch.tensor(record.actions, dtype=torch.float32))
             for pos, value, forced in zip(record.positions, lp.tolist(), record.forced):
                 log_probs[pos] = 0.0 if math.isnan(value) or forced else value
-        finished = bool(response) and response[-1] in self.eos_token_id
+        finished, truncated = self._ending(response, max_new_tokens)
         extra = {
             "global_steps": self.global_steps,
             DECISIONS_KEY: {
@@ -246,7 +266,7 @@ class SPDServer:
             "spd_forced_rejects": record.forced_rejects,
             "spd_accepted_run_tokens": record.accepted_run_tokens,
             "spd_target_forwards": record.target_forwards,
-            "spd_truncated": (not finished) and len(response) >= max_new_tokens,
+            "spd_truncated": truncated,
             "spd_decision_mode": mode,
             TARGET_LOGPROBS_KEY: list(target_logprobs),  # the credit's soft risk reads these
         }
