@@ -662,7 +662,7 @@ def test_two_stage_calibration_picks_on_the_fine_set(world, tmp_path, capsys):
 def fake_sweep(decoded: list, table):
     """A stand-in for spd_verl.eval.sweep.evaluate on the rows "val" (lossless 99.3% / 3.8) and "big"
     (98.5% / 3.7): one row per call, a judge rule's from ``table(rows, rule)`` -> (accuracy, τ,
-    accepted mismatches); every call is recorded in ``decoded`` as (rows, rule name)."""
+    accepted mismatches, of 100); every call is recorded in ``decoded`` as (rows, rule name)."""
     def fake(rules, draft, target, judge, tok, rows, **kw):
         rule = rules[0]
         decoded.append((rows, rule.name))
@@ -672,7 +672,7 @@ def fake_sweep(decoded: list, table):
                          accepted_mismatches=0)]
         acc, tau, accepted = table(rows, rule)
         return [dict(rule="judge", setting=rule.setting, min_run=rule.min_run, name=rule.name, accuracy=acc,
-                     tau=tau, accepted_mismatches=accepted)]
+                     tau=tau, accepted_mismatches=accepted, accepted_mismatch_rate=accepted / 100)]
     return fake
 
 
@@ -771,6 +771,37 @@ def test_calibration_stops_at_the_first_threshold_that_keeps_the_bar(monkeypatch
     # the window spans the grid step above the coarse pick (0.4) though val never decoded it
     assert [r["setting"] for r in fine_full[1:]] == [0.2, 0.25, 0.3, 0.35, 0.4]
     assert [r["setting"] for r in fine[1:]] == [0.2, 0.25, 0.3] and len(decoded) == n_full - 5
+
+
+def test_fine_stage_bisects_a_cliff(monkeypatch):
+    """Session 24's first demo judge: its scores crowd into a band inside one window step (52% of the
+    mismatches accepted at 0.8375, 4% at 0.875). The step is bisected until the accepted-mismatch
+    rate falls by at most CLIFF_RESOLUTION across the crossing; a step without a cliff is left alone."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate
+
+    grid = (0.2, 0.4, 0.6, 0.8)
+    # on "big", 70 of 100 mismatches accepted up to 0.65, 4 from 0.7; passing (bar 0.98) takes <= 10
+    rate = lambda t: 0.7 if t <= 0.65 else max(0.04, 0.7 * (0.7 - t) / 0.05)  # noqa: E731
+    val = {0.2: (0.95, 5.0, 7), 0.4: (0.95, 5.0, 7), 0.6: (0.95, 5.0, 7), 0.8: (0.993, 3.8, 0)}
+    decoded = []
+    monkeypatch.setattr(sweep_mod, "evaluate", fake_sweep(decoded, lambda rows, rule: val[rule.setting] if rows == "val"
+                                                          else (0.985 - 0.05 * rate(rule.setting),
+                                                                3.7 + 2 * rate(rule.setting), 100 * rate(rule.setting))))
+    kw = dict(grid=grid, fine_rows="big", fine_points=5, fine_tol=0.005)
+    pick, _, fine = calibrate(None, None, object(), None, "val", **kw)
+    assert [r["setting"] for r in fine[1:]] == [0.6, 0.65, 0.7, 0.675, 0.6875, 0.69375]
+    assert pick["setting"] == 0.69375 and pick["tau"] == pytest.approx(3.7 + 2 * 0.0875)
+    plain, _, fine = calibrate(None, None, object(), None, "val", cliff_steps=0, **kw)
+    assert plain["setting"] == 0.7 and [r["setting"] for r in fine[1:]] == [0.6, 0.65, 0.7]
+    capped, _, fine = calibrate(None, None, object(), None, "val", cliff_steps=1, **kw)
+    assert capped["setting"] == 0.7 and [r["setting"] for r in fine[1:]] == [0.6, 0.65, 0.7, 0.675]
+    # a gentle slope (the rate falls 0.2 across the step) is not a cliff
+    rate = lambda t: 0.2 if t <= 0.65 else max(0.04, 0.2 * (0.7 - t) / 0.05)  # noqa: E731
+    _, _, fine = calibrate(None, None, object(), None, "val", **kw)
+    assert [r["setting"] for r in fine[1:]] == [0.6, 0.65, 0.7]
+    with pytest.raises(ValueError, match="cliff_steps must be an integer >= 0"):
+        calibrate(None, None, object(), None, "val", cliff_steps=-1, **kw)
 
 
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):

@@ -42,6 +42,15 @@ from __future__ import annotations
 
 from .pareto import lossless
 
+# A gate's pick sits below a *cliff* when the next lower threshold of its fine window accepted more
+# than CLIFF_GAP more of the mismatches (accepted-mismatch rate): the judge's scores crowd into a
+# band narrower than the window's step, and the crossing lies somewhere inside it. The fine stage then
+# bisects the step until the gap is at most CLIFF_RESOLUTION (or ``cliff_steps`` decodes are spent).
+# Session 24's first demo judge accepted 52% of the calib mismatches at 0.8375 and 4% at 0.875.
+# Of the 73 picks recorded since session 5 none had a gap above 0.23, so the rule leaves them alone.
+CLIFF_GAP = 0.25
+CLIFF_RESOLUTION = 0.1
+
 # Dense at both ends (a logit-like spacing): a conservative judge's safe settings can all sit below
 # 0.02 (session 19: run J1 lost 0.25 points at 0.02 behind the run gate 3, the old grid's floor).
 COARSE_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
@@ -92,6 +101,16 @@ def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[fl
         return []
     lo, hi = max(lower), pick["setting"]
     return [round(lo + (hi - lo) * k / (points + 1), 6) for k in range(1, points + 1)]
+
+
+def cliff(rows: list[dict], gate: int, bar: float) -> tuple[dict, dict] | None:
+    """(highest failing row, lowest passing row) of run gate ``gate`` around its first threshold whose
+    accuracy is ≥ ``bar``, or None when no threshold passes or none below it was decoded."""
+    judges = _judge_rows(rows, gate)
+    first = next((i for i, r in enumerate(judges) if r["accuracy"] >= bar - 1e-12), None)
+    if not first:  # None, or the lowest threshold already passes
+        return None
+    return judges[first - 1], judges[first]
 
 
 def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, fine_tol: float | None = None) -> dict:
@@ -176,7 +195,7 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: i
 
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
-              fine_tol: float | None = None, min_runs=(1,), stop_at_bar: bool = True,
+              fine_tol: float | None = None, min_runs=(1,), stop_at_bar: bool = True, cliff_steps: int = 4,
               **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
@@ -197,6 +216,9 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     ``stop_at_bar``: per gate and stage, decode no threshold above the first that keeps the bar
     (module docstring); False decodes every one, for the whole accuracy/τ curve.
 
+    ``cliff_steps``: in the fine stage, at most this many bisections per gate of a window step across
+    which the accepted-mismatch rate falls by more than CLIFF_GAP (:func:`cliff`; 0 = never).
+
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
     from spd_verl.spd import RejectAll
@@ -209,6 +231,8 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     min_runs = list(min_runs)
     if not min_runs or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in min_runs):
         raise ValueError(f"min_runs must be integers >= 1 (1 = no run gate), got {min_runs!r}")
+    if isinstance(cliff_steps, bool) or not isinstance(cliff_steps, int) or cliff_steps < 0:
+        raise ValueError(f"cliff_steps must be an integer >= 0 (0 = no bisection), got {cliff_steps!r}")
 
     def run(thresholds, data, results, gate, bar_tol, baseline=False):
         """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` behind run gate
@@ -232,6 +256,16 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
                 silent = row
         return results
 
+    def bisect_cliff(gate):
+        """Bisect the window step around ``gate``'s crossing on ``fine_rows`` while it spans a cliff."""
+        gap = CLIFF_GAP
+        for _ in range(cliff_steps):
+            pair = cliff(fine, gate, lossless(fine)["accuracy"] - fine_tol)
+            if pair is None or pair[0]["accepted_mismatch_rate"] - pair[1]["accepted_mismatch_rate"] <= gap:
+                return
+            gap = CLIFF_RESOLUTION
+            run([round((pair[0]["setting"] + pair[1]["setting"]) / 2, 6)], fine_rows, fine, gate, fine_tol)
+
     coarse = []
     for i, m in enumerate(min_runs):
         run(grid, rows, coarse, m, tol, baseline=i == 0)
@@ -247,6 +281,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             # the larger set, where the best of more candidates would be picked at a luckier draw
             # (README: Results, session 13, measured a walk down the grid this way).
             run(fine_window(coarse, own, fine_points, m, grid), fine_rows, fine, m, fine_tol, baseline=not fine)
+            bisect_cliff(m)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
         # take the first threshold that keeps it; one that accepts nothing always does (lossless).
