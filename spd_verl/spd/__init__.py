@@ -6,8 +6,8 @@ from .policies import (FEATURE_NAMES, NUM_FEATURES, AcceptAll, BernoulliPolicy, 
                        RunGated, TargetProbPolicy, ThresholdPolicy, TypicalPolicy, run_gated)
 
 __all__ = [
-    "SpeculativeDecoder", "SDResult", "LosslessResult", "DecisionRecord", "decision_tensors", "Policy", "DecisionContext",
-    "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy", "RunGated",
+    "SpeculativeDecoder", "SDResult", "LosslessResult", "DecisionRecord", "decision_tensors", "Policy",
+    "DecisionContext", "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy", "RunGated",
     "run_gated",
     "FEATURE_NAMES", "NUM_FEATURES",
 ]

@@ -98,6 +98,17 @@ class GrowingLayer(DynamicLayer):
         self._install(k, v, n)
 
 
+def left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (ids [B, L], valid [B, L]), left-padded: every row's last token in the last column."""
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[b, L - len(p):] = True
+    return ids, valid
+
+
 class SlotCache:
     def __init__(self, model, batch_size: int, device: torch.device, preallocate: bool = True):
         """``preallocate=False`` keeps Hugging Face's plain ``DynamicLayer`` (for comparison)."""

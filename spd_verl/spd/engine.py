@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import SlotCache
+from .cache import SlotCache, left_pad
 from .lossless import LosslessResult, replay_lossless, target_greedy
 from .policies import NUM_FEATURES, DecisionContext, Policy, RejectAll
 
@@ -163,17 +163,12 @@ class SpeculativeDecoder:
 
         # Prefill everything but the last prompt token (left-padded); that token is "pending":
         # the first input of the next forward of every model.
-        L = max(len(p) for p in prompts)
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[b, L - len(p):] = True
+        ids, valid = left_pad(prompts, dev)
         pre = self.preallocate_cache
         caches = {"draft": SlotCache(self.draft, B, dev, pre), "target": SlotCache(self.target, B, dev, pre)}
         if use_judge:
             caches["judge"] = SlotCache(self.judge, B, dev, pre)
-        if L > 1:
+        if ids.shape[1] > 1:
             for c in caches.values():
                 c.forward(ids[:, :-1], valid[:, :-1])
         pending_target = ids[:, -1].clone()  # [B]

@@ -2,8 +2,8 @@
 
 Lossless SD (``RejectAll``) emits exactly the target's greedy text; speculating pays only when a
 target forward costs far more than γ draft forwards. On the demo world's tiny models a draft
-forward costs about half a target one, so the target alone decodes the same text 1.4-1.7x faster
-(README: Engine speed). The per-decision credit's branches and the swap proxy's single swaps need
+forward costs about half a target one, so the target alone decodes the same text 1.17-1.38x faster
+(benchmarks/bench_lossless.py; README: Engine speed). The per-decision credit's branches and the swap proxy's single swaps need
 only that text and the target's log-probs; for the ``gated`` reward the credit also needs how many
 mismatches lossless SD would have met on the way, which :func:`replay_lossless` counts from one
 teacher-forced draft forward: with a greedy draft, a proposal at a position is the draft's argmax
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SlotCache
+from .cache import SlotCache, left_pad
 
 
 @dataclass
@@ -40,17 +40,12 @@ def target_greedy(target, prompts: list[list[int]], limits: list[int], eos: set[
     """Greedy decoding of ``prompts`` (left-padded into one batch) by ``target`` alone, each row up
     to its limit or its first EOS. Returns (responses, target log-prob of every emitted token)."""
     dev = next(target.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-    valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[b, L - len(p):] = True
-    cache = SlotCache(target, B, dev, preallocate_cache)
+    ids, valid = left_pad(prompts, dev)
+    cache = SlotCache(target, len(prompts), dev, preallocate_cache)
     logits = cache.forward(ids, valid).logits[:, -1]
-    responses: list[list[int]] = [[] for _ in range(B)]
-    logprobs: list[list[float]] = [[] for _ in range(B)]
-    active = list(range(B))  # batch row -> prompt index
+    responses: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # batch row -> prompt index
     while True:
         logp = torch.log_softmax(logits.float(), dim=-1)
         tok = logp.argmax(dim=-1)
