@@ -39,6 +39,9 @@ def main(argv=None):
     ap.add_argument("--fine-tol", type=float, default=None,
                     help="accuracy tolerance of the pick on the calib split (default: the target's 0.01; "
                     "spd.eval.fine_tol)")
+    ap.add_argument("--tau-floor", type=float, default=None,
+                    help="deploy for this speed-up over lossless SD: the most accurate setting with τ at least this "
+                    "many times lossless τ on the calib split (spd.eval.tau_floor; default: the most τ)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=400,
                     help="prompts per generate call (spd.eval.batch_size; the results do not depend on it)")
@@ -69,7 +72,8 @@ def main(argv=None):
     for step, path in exports:
         judge = load_eval_judge(path, world.target)
         pick, coarse, fine = calibrate(world.draft, world.target, judge, world.tokenizer, val, tol=CALIBRATION_TOL,
-                                       fine_rows=calib, fine_tol=args.fine_tol, min_runs=args.min_runs, grid=args.grid, **kw)
+                                       fine_rows=calib, fine_tol=args.fine_tol, min_runs=args.min_runs, grid=args.grid,
+                                       tau_floor=args.tau_floor, **kw)
         rec = dict(step=step, judge=str(path), pick=pick, coarse=coarse, fine=fine)
         if pick is None:
             print(f"| {step} | none keeps the bar | — | — |")
@@ -83,7 +87,7 @@ def main(argv=None):
         records.append(rec)
     if args.out is not None:
         args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid), fine_tol=args.fine_tol,
-                                            held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
+                                            tau_floor=args.tau_floor, held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 
 

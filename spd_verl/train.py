@@ -115,6 +115,21 @@ def eval_fine_tol(cfg) -> float:
     return float(tol)
 
 
+def eval_tau_floor(cfg) -> float | None:
+    """``spd.eval.tau_floor``: deploy each judge at the most accurate setting with τ ≥ that many times
+    lossless τ on the calib split, rather than at the most τ (null). Needs the calib split."""
+    from omegaconf import OmegaConf
+
+    from spd_verl.eval.calibrate import check_tau_floor
+
+    floor = OmegaConf.select(cfg, "spd.eval.tau_floor", default=None)
+    try:
+        check_tau_floor(floor)
+    except ValueError as e:
+        raise ValueError(f"spd.eval.{e}") from None
+    return None if floor is None else float(floor)
+
+
 def eval_batch_size(cfg) -> int:
     """Prompts per generate call of the held-out evaluation and its calibration:
     ``spd.eval.batch_size``, or spd-eval's 32 when null. On a CPU the tiny demo models decode the
@@ -239,7 +254,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     ranks highest are calibrated (:func:`proxy_preselect`, on the first ``spd.eval.proxy_problems``
     of the fine calibration file, else of the calibration file).
     ``out_json``: every table printed, as JSON, with each phase's wall time (``eval_seconds``)."""
-    from spd_verl.eval.calibrate import calibrate, reports
+    from spd_verl.eval.calibrate import calibrate, pick_threshold, reports
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate, judge_rule
@@ -267,6 +282,9 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         fine_rows = load_rows(fine_file) if fine_file is not None else None
         calib_rows = load_rows(calibration_file)
         fine_tol = eval_fine_tol(cfg)
+        tau_floor = eval_tau_floor(cfg)
+        if tau_floor is not None and fine_rows is None:
+            raise ValueError(f"spd.eval.tau_floor chooses on the calib split: no calib.parquet beside {calibration_file}")
         judges = [*earlier, (_step_of(judge_dir), judge_dir)]
         keep, proxy_problems, budget = eval_proxy(cfg)
         if keep is not None and len(judges) > keep:
@@ -280,12 +298,16 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
             if earlier:
                 print(f"calibrating the judge {path}", flush=True)
             pick, coarse, fine = calibrate(draft, target, candidate, tokenizer, calib_rows, tol=CALIBRATION_TOL,
-                                           fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs, **kw)
-            print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol))
-            candidates.append(dict(judge=str(path), pick=pick, coarse=coarse, fine=fine))
-            # Picks of different judges compare on the same set (the fine one when there is one); ties go
-            # to the later judge. Only the leading judge stays loaded.
-            if chosen is None or _pick_tau(pick) >= _pick_tau(chosen["pick"]):
+                                           fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs,
+                                           tau_floor=tau_floor, **kw)
+            print(reports(pick, coarse, fine, CALIBRATION_TOL, calibration_file, fine_file, fine_tol=fine_tol,
+                          tau_floor=tau_floor))
+            # The judges compare by their most-τ picks (with a floor too: how far a judge's curve reaches at
+            # the bar is its strength), on the same set (the fine one when there is one); ties go to the
+            # later judge. Only the leading judge stays loaded.
+            fastest = pick if tau_floor is None else pick_threshold(fine, fine_tol)
+            candidates.append(dict(judge=str(path), pick=pick, fastest=fastest, coarse=coarse, fine=fine))
+            if chosen is None or _pick_tau(fastest) >= _pick_tau(chosen["fastest"]):
                 chosen, judge = candidates[-1], candidate
         pick = chosen["pick"]
         if earlier:
@@ -293,7 +315,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                   f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)
         record.update(judge=chosen["judge"], last_judge=str(judge_dir),
                       calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
-                      fine_tol=fine_tol, calibration_pick=pick, calibration_coarse=chosen["coarse"],
+                      fine_tol=fine_tol, tau_floor=tau_floor, calibration_pick=pick, calibration_coarse=chosen["coarse"],
                       calibration_fine=chosen["fine"])
         if earlier:
             record["candidates"] = [{k: c[k] for k in ("judge", "pick", "coarse", "fine")} for c in candidates]
@@ -390,6 +412,7 @@ def main(argv=None) -> int:
     if not args.no_eval:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
         eval_fine_tol(cfg)
+        eval_tau_floor(cfg)
         eval_batch_size(cfg)
         eval_workers(cfg)
         eval_judges(cfg, [])

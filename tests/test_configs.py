@@ -89,6 +89,18 @@ def test_demo_calibration_margin():
             eval_fine_tol(_compose("spd_demo", [f"spd.eval.fine_tol={bad}"]))
 
 
+def test_eval_tau_floor_setting():
+    """spd.eval.tau_floor: a speed-up > 1 over lossless SD, or null (the most τ); anything else names
+    the key before anything runs."""
+    from spd_verl.train import eval_tau_floor
+
+    assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=null"])) is None
+    assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=1.35"])) == 1.35
+    for bad in ("1.0", "0.9", "true", "abc"):
+        with pytest.raises(ValueError, match=r"spd.eval.tau_floor is a speed-up over lossless SD and must be a number > 1"):
+            eval_tau_floor(_compose("spd_demo", [f"spd.eval.tau_floor={bad}"]))
+
+
 def test_demo_chooses_the_step_with_the_swap_proxy():
     """The demo saves a judge every 5 steps, scores all on the swap proxy and calibrates the best two."""
     from spd_verl.train import eval_judges, eval_proxy

@@ -558,6 +558,10 @@ def test_held_out_eval_chooses_a_run_gate(world, tmp_path, capsys):
     if len(rows) == 3:
         assert rows[2]["name"] == pick["name"] and f"{pick['name']} (chosen on val.parquet) acc" in capsys.readouterr().out
     assert record["fine_tol"] == 0.01  # spd.eval.fine_tol absent: the target's bar
+    cfg.spd.eval.tau_floor = 1.3
+    with pytest.raises(ValueError, match="spd.eval.tau_floor chooses on the calib split: no calib.parquet beside"):
+        held_out_eval(cfg, r / "judge", world["data"], None, calibration_file=val)
+    cfg.spd.eval.tau_floor = None
     for bad, match in (([4], "must be <= num_speculative_tokens"), ([0], "must be an integer >= 1"),
                        ([], "must be a non-empty list"), (2, "must be a non-empty list")):
         cfg.spd.eval.min_runs = bad
@@ -575,6 +579,8 @@ def test_spd_train_rejects_a_bad_eval_gamma_before_training(tmp_path, monkeypatc
         train.main(["--out", str(tmp_path), "spd.eval.num_speculative_tokens=0"])
     with pytest.raises(ValueError, match=r"spd.eval.fine_tol must be a number in \[0, 0.01\] .* got 0.05"):
         train.main(["--out", str(tmp_path), "spd.eval.fine_tol=0.05"])
+    with pytest.raises(ValueError, match=r"spd.eval.tau_floor is a speed-up over lossless SD .* got 0.9"):
+        train.main(["--out", str(tmp_path), "spd.eval.tau_floor=0.9"])
 
 
 def test_fine_window():
@@ -804,6 +810,63 @@ def test_fine_stage_bisects_a_cliff(monkeypatch):
         calibrate(None, None, object(), None, "val", cliff_steps=-1, **kw)
 
 
+def test_pick_threshold_with_a_speed_up_floor():
+    """tau_floor r: the rows that keep the bar with τ ≥ r × lossless τ compete on accuracy (ties: τ);
+    when none is that fast, the most τ, as without a floor."""
+    from spd_verl.eval.calibrate import pick_threshold
+
+    rows = [_r("reject_all", 4.0, 0.98), _r("judge", 6.0, 0.96, 0.3), _r("judge", 5.6, 0.972, 0.4),
+            _r("judge", 5.5, 0.976, 0.45), _r("judge", 5.3, 0.978, 0.5), _r("judge", 5.3, 0.978, 0.55),
+            _r("judge", 5.1, 0.98, 0.6)]
+    assert pick_threshold(rows, tol=0.01)["setting"] == 0.4  # the most τ within a point
+    assert pick_threshold(rows, tol=0.01, tau_floor=1.3)["setting"] == 0.55  # τ ≥ 5.2: 0.5/0.55 tie, the higher
+    assert pick_threshold(rows, tol=0.01, tau_floor=1.375)["setting"] == 0.45  # τ ≥ 5.5
+    assert pick_threshold(rows, tol=0.01, tau_floor=1.45)["setting"] == 0.4  # none that fast keeps the bar
+    assert pick_threshold(rows, tol=0.0, tau_floor=1.3)["setting"] == 0.6  # only 0.6 keeps lossless accuracy
+    for bad in (1.0, 0.5, True, "1.3"):
+        with pytest.raises(ValueError, match="tau_floor is a speed-up over lossless SD and must be a number > 1"):
+            pick_threshold(rows, tau_floor=bad)
+
+
+def test_fine_stage_climbs_to_the_speed_up_floor(monkeypatch):
+    """With tau_floor, thresholds above the most-τ pick are decoded at its gate, up the window and
+    the grid while τ stays above the floor, then the step where it fell below is bisected; the pick
+    is the most accurate setting at or above the floor. A floor above the pick's τ decodes nothing more."""
+    import spd_verl.eval.sweep as sweep_mod
+    from spd_verl.eval.calibrate import calibrate, reports, summary
+
+    grid = (0.2, 0.4, 0.6, 0.8)
+    val = {0.2: (0.95, 5.6, 9), 0.4: (0.99, 5.0, 6), 0.6: (0.993, 4.4, 3), 0.8: (0.993, 3.8, 0)}
+    # "big": lossless 98.5% / 3.7, so the bar is 98.0%; val's pick 0.4 puts the window at 0.2 ... 0.6
+    big = {0.2: (0.975, 5.7, 60), 0.3: (0.981, 5.3, 50), 0.4: (0.982, 4.9, 40), 0.45: (0.984, 4.7, 35),
+           0.475: (0.983, 4.6, 32), 0.5: (0.985, 4.5, 30), 0.6: (0.985, 4.1, 20)}
+    decoded = []
+    monkeypatch.setattr(sweep_mod, "evaluate", fake_sweep(
+        decoded, lambda rows, rule: (val if rows == "val" else big)[rule.setting]))
+    kw = dict(grid=grid, fine_rows="big", fine_points=5, fine_tol=0.005)
+    plain, _, fine = calibrate(None, None, object(), None, "val", **kw)
+    assert plain["setting"] == 0.3 and [r["setting"] for r in fine[1:]] == [0.2, 0.3]
+    # floor 1.25 x 3.7 = 4.625: up the window to 0.4 (τ 4.9) and 0.5 (4.5, too slow), then bisect: 0.45
+    # (4.7) and 0.475 (4.6, too slow); of 0.3, 0.4 and 0.45 the most accurate is 0.45
+    pick, coarse, fine = calibrate(None, None, object(), None, "val", tau_floor=1.25, **kw)
+    assert [r["setting"] for r in fine[1:]] == [0.2, 0.3, 0.4, 0.5, 0.45, 0.475]
+    assert (pick["setting"], pick["tau"]) == (0.45, 4.7)
+    out = summary(pick, coarse, fine, 0.01, 0.005, tau_floor=1.25)
+    assert (out["threshold"], out["tau_floor"], out["fastest"]["threshold"]) == (0.45, 1.25, 0.3)
+    text = reports(pick, coarse, fine, 0.01, "val", "big", fine_tol=0.005, tau_floor=1.25)
+    assert "the most accurate with τ ≥ 1.25x lossless (4.625); the most τ: judge@0.3 (98.1%, τ 5.300)" in text
+    capped, _, fine = calibrate(None, None, object(), None, "val", tau_floor=1.25, climb_steps=1, **kw)
+    assert capped["setting"] == 0.4 and [r["setting"] for r in fine[1:]] == [0.2, 0.3, 0.4]
+    fast, _, fine = calibrate(None, None, object(), None, "val", tau_floor=1.5, **kw)  # 5.55 > the pick's 5.3
+    assert fast["setting"] == 0.3 and [r["setting"] for r in fine[1:]] == [0.2, 0.3]
+    assert "none reaches τ ≥ 1.5x lossless (5.550), so the most τ" in reports(
+        fast, coarse, fine, 0.01, "val", "big", fine_tol=0.005, tau_floor=1.5)
+    with pytest.raises(ValueError, match="tau_floor needs fine_rows"):
+        calibrate(None, None, object(), None, "val", tau_floor=1.3)
+    with pytest.raises(ValueError, match="climb_steps must be an integer >= 0"):
+        calibrate(None, None, object(), None, "val", climb_steps=-1, **kw)
+
+
 def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
     calib = write_rows(tmp_path / "calib.parquet", 3)
     assert main(cli_args(world, tmp_path / "a", extra=["--calibrate-fine", str(calib)])) == 2
@@ -813,6 +876,8 @@ def test_cli_calibrate_fine_needs_calibrate_on(world, tmp_path, capsys):
     assert "--calibrate-fine" in capsys.readouterr().err
     assert main(cli_args(world, tmp_path / "c", extra=["--calibrate-on", str(calib), "--fine-tol", "0.005"])) == 2
     assert "--fine-tol is the bar of the --calibrate-fine stage" in capsys.readouterr().err
+    assert main(cli_args(world, tmp_path / "d", extra=["--calibrate-on", str(calib), "--tau-floor", "1.3"])) == 2
+    assert "--tau-floor chooses on the --calibrate-fine stage" in capsys.readouterr().err
 
 
 def test_calibrate_skips_thresholds_above_one_that_accepts_nothing(world, tmp_path, monkeypatch):

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-tol", type=float, default=None,
                    help="accuracy tolerance of the pick on --calibrate-fine (default: --tol); a tighter one is a "
                         "safety margin for the held-out bar")
+    p.add_argument("--tau-floor", type=float, default=None,
+                   help="deploy for this speed-up over lossless SD: the most accurate threshold on --calibrate-fine "
+                        "with tau >= this many times lossless tau there (default: the most tau)")
     p.add_argument("--calibrate-on", type=Path,
                    help="calibration parquet (validation data, not --data): choose the judge threshold with the "
                         "most tau whose accuracy there stays within --tol of lossless, and add it to the sweep")
@@ -143,6 +146,8 @@ def run(args, log=print) -> dict:
         raise ValueError("--calibrate-fine is the second stage of --calibrate-on: pass --calibrate-on VAL too")
     if args.fine_tol is not None and args.calibrate_fine is None:
         raise ValueError("--fine-tol is the bar of the --calibrate-fine stage: pass --calibrate-fine CALIB too")
+    if args.tau_floor is not None and args.calibrate_fine is None:
+        raise ValueError("--tau-floor chooses on the --calibrate-fine stage: pass --calibrate-fine CALIB too")
     if args.calibrate_on is not None:
         if judge is None:
             raise ValueError("--calibrate-on chooses a judge threshold: pass --judge DIR")
@@ -221,9 +226,10 @@ def _calibrate(args, data_path, draft, target, judge, tokenizer, eos, log) -> di
                                    fine_rows=fine_rows, fine_tol=args.fine_tol, min_runs=args.min_runs,
                                    gamma=args.gamma, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, eos_token_id=eos, progress=not args.no_progress,
-                                   workers=args.workers)
-    log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine, fine_tol=args.fine_tol))
-    return summary(pick, coarse, fine, args.tol, args.fine_tol)
+                                   workers=args.workers, tau_floor=args.tau_floor)
+    log(reports(pick, coarse, fine, args.tol, args.calibrate_on, args.calibrate_fine, fine_tol=args.fine_tol,
+                tau_floor=args.tau_floor))
+    return summary(pick, coarse, fine, args.tol, args.fine_tol, tau_floor=args.tau_floor)
 
 
 def main(argv=None) -> int:

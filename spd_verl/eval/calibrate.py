@@ -71,23 +71,38 @@ def _gate_rows(rows: list[dict], min_run: int) -> list[dict]:
     return [r for r in rows if r["rule"] != "judge" or _min_run(r) == min_run]
 
 
-def pick_threshold(rows: list[dict], tol: float = 0.01) -> dict | None:
+def pick_threshold(rows: list[dict], tol: float = 0.01, tau_floor: float | None = None) -> dict | None:
     """The judge row with the highest τ among those with accuracy ≥ lossless accuracy − tol
     (ties: the higher, more conservative threshold, then the longer run gate), or None when no
     judge row qualifies.
+
+    ``tau_floor`` r: among those rows, the ones with τ ≥ r × lossless τ compete on accuracy instead
+    (ties: the most τ): a deployment that wants a speed-up of r spends what the judge has beyond it
+    on accuracy. None reaches the floor: the most τ, as without one.
 
     rows: sweep result rows (spd_verl.eval.evaluate) with one ``reject_all`` row and ≥ 1 ``judge`` row.
     """
     if not 0.0 <= tol < 1.0:
         raise ValueError(f"calibration tol must be in [0, 1), got {tol!r}")
+    check_tau_floor(tau_floor)
     judges = _judge_rows(rows)
     if not judges:
         raise ValueError("calibration needs judge rows (judge@<threshold>) to choose from")
-    bar = lossless(rows)["accuracy"] - tol
-    passing = [r for r in judges if r["accuracy"] >= bar - 1e-12]
+    base = lossless(rows)
+    passing = [r for r in judges if r["accuracy"] >= base["accuracy"] - tol - 1e-12]
     if not passing:
         return None
+    fast = [] if tau_floor is None else [r for r in passing if r["tau"] >= tau_floor * base["tau"] - 1e-12]
+    if fast:
+        return max(fast, key=lambda r: (r["accuracy"], r["tau"], r["setting"], _min_run(r)))
     return max(passing, key=lambda r: (r["tau"], r["setting"], _min_run(r)))
+
+
+def check_tau_floor(tau_floor) -> None:
+    if tau_floor is not None and (isinstance(tau_floor, bool) or not isinstance(tau_floor, (int, float))
+                                  or not tau_floor > 1.0):
+        raise ValueError(f"tau_floor is a speed-up over lossless SD and must be a number > 1 (or None), "
+                         f"got {tau_floor!r}")
 
 
 def refine_grid(rows: list[dict], pick: dict | None, points: int = 4) -> list[float]:
@@ -113,9 +128,11 @@ def cliff(rows: list[dict], gate: int, bar: float) -> tuple[dict, dict] | None:
     return judges[first - 1], judges[first]
 
 
-def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, fine_tol: float | None = None) -> dict:
+def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, fine_tol: float | None = None,
+            tau_floor: float | None = None) -> dict:
     """What was chosen where, from a :func:`calibrate` result: the set the pick was made on (the
-    fine one when there is one), plus the coarse stage's own pick when there were two stages."""
+    fine one when there is one), plus the coarse stage's own pick when there were two stages, and
+    with a ``tau_floor`` the most-τ pick the floor replaced (``fastest``)."""
     rows = fine or coarse
     base = lossless(rows)
     pick_tol = tol if not fine or fine_tol is None else fine_tol
@@ -130,10 +147,15 @@ def summary(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float,
                              min_run=None if coarse_pick is None else _min_run(coarse_pick))
     if pick is not None:
         out.update(threshold=pick["setting"], min_run=_min_run(pick), accuracy=pick["accuracy"], tau=pick["tau"])
+    if tau_floor is not None:
+        fastest = pick_threshold(rows, pick_tol)
+        out.update(tau_floor=tau_floor, fastest=None if fastest is None else dict(
+            threshold=fastest["setting"], min_run=_min_run(fastest), accuracy=fastest["accuracy"], tau=fastest["tau"]))
     return out
 
 
-def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str = "calibration") -> str:
+def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str = "calibration",
+           tau_floor: float | None = None) -> str:
     """The calibration sweep as a table plus the pick (what spd-eval and spd-train print);
     ``stage``: "calibration" for the final pick, "coarse stage" before a fine one."""
     from .report import format_table
@@ -141,6 +163,13 @@ def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str =
     line = (f"{stage}: no judge threshold kept accuracy within {tol:g} of lossless" if pick is None
             else f"{stage}: threshold {pick['setting']:g}{_gate(pick)} (accuracy {100 * pick['accuracy']:.1f}%, "
                  f"τ {pick['tau']:.3f})")
+    fastest = pick_threshold(rows, tol) if tau_floor is not None and pick is not None else None
+    if fastest is not None:
+        floor = tau_floor * lossless(rows)["tau"]
+        line += (f": the most accurate with τ ≥ {tau_floor:g}x lossless ({floor:.3f})" if pick["tau"] >= floor - 1e-12
+                 else f": none reaches τ ≥ {tau_floor:g}x lossless ({floor:.3f}), so the most τ")
+        if fastest is not pick:
+            line += f"; the most τ: {fastest['name']} ({100 * fastest['accuracy']:.1f}%, τ {fastest['tau']:.3f})"
     reused_rows = [r for r in _judge_rows(rows) if r.get("reused_from")]
     if reused_rows:
         line = (f"not decoded: {', '.join(r['name'] for r in reused_rows)} (= {reused_rows[0]['reused_from']}, which "
@@ -153,12 +182,13 @@ def _gate(row: dict) -> str:
 
 
 def reports(pick: dict | None, coarse: list[dict], fine: list[dict], tol: float, source, fine_source=None,
-            fine_tol: float | None = None) -> str:
+            fine_tol: float | None = None, tau_floor: float | None = None) -> str:
     """:func:`report` of a :func:`calibrate` result: the coarse table, then the fine one if any."""
     if not fine:
         return report(pick, coarse, tol, source)
     return "\n".join([report(pick_threshold(coarse, tol), coarse, tol, source, stage="coarse stage"),
-                      report(pick, fine, tol if fine_tol is None else fine_tol, fine_source, stage="calibration")])
+                      report(pick, fine, tol if fine_tol is None else fine_tol, fine_source, stage="calibration",
+                             tau_floor=tau_floor)])
 
 
 def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: int | None = None,
@@ -196,7 +226,7 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: i
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
               fine_tol: float | None = None, min_runs=(1,), stop_at_bar: bool = True, cliff_steps: int = 4,
-              **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
+              tau_floor: float | None = None, climb_steps: int = 4, **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
 
@@ -219,6 +249,15 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     ``cliff_steps``: in the fine stage, at most this many bisections per gate of a window step across
     which the accepted-mismatch rate falls by more than CLIFF_GAP (:func:`cliff`; 0 = never).
 
+    ``tau_floor`` r (needs ``fine_rows``): deploy for a speed-up of r over lossless SD rather than
+    the most τ. After the fine stage, at the gate of the most-τ pick, thresholds above it are decoded
+    (the next window or grid threshold up while τ stays ≥ r × lossless τ, then bisecting the step
+    where it fell below; at most ``climb_steps`` decodes), and the pick is the most accurate setting
+    that keeps the bar with τ ≥ that floor (:func:`pick_threshold`; none: the most-τ pick). The
+    most-τ pick is where the half-point margin is spent on τ; this spends a judge's τ beyond the
+    floor on accuracy instead, chosen by τ, which 1,600 problems measure far more finely than
+    accuracy (README: Evaluation, the speed-up floor).
+
     Returns (picked row or None, coarse rows incl. any refinement, fine rows or []).
     ``eval_kwargs`` go to :func:`spd_verl.eval.sweep.evaluate` (gamma, max_new_tokens, ...)."""
     from spd_verl.spd import RejectAll
@@ -231,10 +270,14 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
     min_runs = list(min_runs)
     if not min_runs or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in min_runs):
         raise ValueError(f"min_runs must be integers >= 1 (1 = no run gate), got {min_runs!r}")
-    if isinstance(cliff_steps, bool) or not isinstance(cliff_steps, int) or cliff_steps < 0:
-        raise ValueError(f"cliff_steps must be an integer >= 0 (0 = no bisection), got {cliff_steps!r}")
+    for name, steps in (("cliff_steps", cliff_steps), ("climb_steps", climb_steps)):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0 = none), got {steps!r}")
+    check_tau_floor(tau_floor)
+    if tau_floor is not None and fine_rows is None:
+        raise ValueError("tau_floor needs fine_rows: the climb above the pick runs on the larger calibration set")
 
-    def run(thresholds, data, results, gate, bar_tol, baseline=False):
+    def run(thresholds, data, results, gate, bar_tol, baseline=False, stop=True):
         """Append reject_all (``baseline``) and the judge at ascending ``thresholds`` behind run gate
         ``gate`` on ``data``, reusing the row of the lowest threshold that accepted nothing for every
         higher one, and stopping after the first that keeps accuracy within ``bar_tol`` of lossless
@@ -248,7 +291,7 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             if silent is not None and t >= silent["setting"]:
                 results.append(reused(silent, t))  # free, and keeps pick_threshold's tie-break
                 continue
-            if stop_at_bar and any(r["accuracy"] >= bar for r in _judge_rows(results, gate) if r["setting"] < t):
+            if stop and stop_at_bar and any(r["accuracy"] >= bar for r in _judge_rows(results, gate) if r["setting"] < t):
                 break
             row = evaluate([judge_rule(t, gate)], draft, target, judge, tokenizer, data, **eval_kwargs)[0]
             results.append(row)
@@ -266,13 +309,35 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             gap = CLIFF_RESOLUTION
             run([round((pair[0]["setting"] + pair[1]["setting"]) / 2, 6)], fine_rows, fine, gate, fine_tol)
 
+    def climb(gate, ladder):
+        """Decode ``gate``'s thresholds above its fastest passing one towards τ = tau_floor × lossless."""
+        base = lossless(fine)
+        floor, bar = tau_floor * base["tau"] - 1e-12, base["accuracy"] - fine_tol - 1e-12
+        for _ in range(climb_steps):
+            judges = _judge_rows(fine, gate)
+            fast = [r for r in judges if r["tau"] >= floor and r["accuracy"] >= bar]
+            if not fast:
+                return
+            hi = max(r["setting"] for r in fast)
+            above = [r for r in judges if r["setting"] > hi]
+            if above:  # the next one up is slower than the floor (or misses the bar): bisect the step
+                nxt = min(above, key=lambda r: r["setting"])
+                if nxt["tau"] >= floor:
+                    return  # fast enough but under the bar above a passing one: noise, not a step to refine
+                t = round((hi + nxt["setting"]) / 2, 6)
+            else:
+                t = min((t for t in ladder if t > hi), default=None)
+                if t is None:
+                    return
+            run([t], fine_rows, fine, gate, fine_tol, stop=False)
+
     coarse = []
     for i, m in enumerate(min_runs):
         run(grid, rows, coarse, m, tol, baseline=i == 0)
     pick = pick_threshold(coarse, tol)
     gate = min_runs[0] if pick is None else _min_run(pick)
     if fine_rows is not None:
-        fine = []
+        fine, windows = [], {}
         for m in min_runs:
             own = pick_threshold(_gate_rows(coarse, m), tol)
             if own is None and m != gate:
@@ -280,7 +345,8 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             # Only around the gate's own coarse pick: a threshold val rejected is not tried again on
             # the larger set, where the best of more candidates would be picked at a luckier draw
             # (README: Results, session 13, measured a walk down the grid this way).
-            run(fine_window(coarse, own, fine_points, m, grid), fine_rows, fine, m, fine_tol, baseline=not fine)
+            windows[m] = fine_window(coarse, own, fine_points, m, grid)
+            run(windows[m], fine_rows, fine, m, fine_tol, baseline=not fine)
             bisect_cliff(m)
         # Nothing in the window keeps the bar on the larger set: a saturated judge's coarse pick can
         # sit on a plateau below a cliff (run Q, README session 10). Walk up the coarse grid there and
@@ -290,7 +356,11 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             if pick_threshold(fine, fine_tol) is not None:
                 break
             run([t], fine_rows, fine, gate, fine_tol)
-        return pick_threshold(fine, fine_tol), coarse, fine
+        fastest = pick_threshold(fine, fine_tol)
+        if tau_floor is not None and fastest is not None:
+            g = _min_run(fastest)
+            climb(g, sorted(set(grid) | set(windows.get(g, ()))))
+        return pick_threshold(fine, fine_tol, tau_floor), coarse, fine
     finer = [t for t in refine_grid(coarse, pick, refine_points) if t not in set(grid)]
     if finer:
         run(finer, rows, coarse, gate, tol)
