@@ -94,6 +94,7 @@ def test_eval_tau_floor_setting():
     the key before anything runs."""
     from spd_verl.train import eval_tau_floor
 
+    assert eval_tau_floor(_compose("spd_demo")) == 1.35
     assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=null"])) is None
     assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=1.35"])) == 1.35
     for bad in ("1.0", "0.9", "true", "abc"):
