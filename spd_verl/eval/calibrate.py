@@ -15,6 +15,7 @@ or, with a larger calibration set (``fine_rows``; the demo world's calib split, 
     window = fine_window(rows, pick)                      # 5 thresholds, grid step below the pick to the one above
     pick = pick_threshold(evaluate(reject_all + judge at window, ..., fine_rows))
     # none keeps the bar there: the grid's thresholds above the window, one at a time, until one does
+    # tau_floor r: climb above that pick towards τ = r × lossless, deploy the most accurate setting at ≥ r
 
 With ``min_runs`` (e.g. (1, 5, 6)) the coarse grid is swept once per run gate (spd.RunGated; 1 = no
 gate), the fine stage sweeps each gate's window around that gate's own coarse pick, and the pick is
