@@ -86,8 +86,9 @@ def main(argv=None):
                   flush=True)
         records.append(rec)
     if args.out is not None:
-        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid), fine_tol=args.fine_tol,
-                                            tau_floor=args.tau_floor, held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
+        args.out.write_text(json.dumps(dict(gamma=args.gamma, min_runs=args.min_runs, grid=list(args.grid),
+                                            fine_tol=args.fine_tol, tau_floor=args.tau_floor,
+                                            held_out_lossless=lossless, checkpoints=records), indent=1, default=str))
         print(f"wrote {args.out}")
 
 

@@ -284,7 +284,8 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         fine_tol = eval_fine_tol(cfg)
         tau_floor = eval_tau_floor(cfg)
         if tau_floor is not None and fine_rows is None:
-            raise ValueError(f"spd.eval.tau_floor chooses on the calib split: no calib.parquet beside {calibration_file}")
+            raise ValueError("spd.eval.tau_floor chooses on the calib split: no calib.parquet beside "
+                             f"{calibration_file}")
         judges = [*earlier, (_step_of(judge_dir), judge_dir)]
         keep, proxy_problems, budget = eval_proxy(cfg)
         if keep is not None and len(judges) > keep:
@@ -315,7 +316,8 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                   f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)
         record.update(judge=chosen["judge"], last_judge=str(judge_dir),
                       calibration_file=str(calibration_file), fine_calibration_file=str(fine_file) if fine_file else None,
-                      fine_tol=fine_tol, tau_floor=tau_floor, calibration_pick=pick, calibration_coarse=chosen["coarse"],
+                      fine_tol=fine_tol, tau_floor=tau_floor, calibration_pick=pick,
+                      calibration_coarse=chosen["coarse"],
                       calibration_fine=chosen["fine"])
         if earlier:
             record["candidates"] = [{k: c[k] for k in ("judge", "pick", "coarse", "fine")} for c in candidates]

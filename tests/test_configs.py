@@ -98,7 +98,8 @@ def test_eval_tau_floor_setting():
     assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=null"])) is None
     assert eval_tau_floor(_compose("spd_demo", ["spd.eval.tau_floor=1.35"])) == 1.35
     for bad in ("1.0", "0.9", "true", "abc"):
-        with pytest.raises(ValueError, match=r"spd.eval.tau_floor is a speed-up over lossless SD and must be a number > 1"):
+        with pytest.raises(ValueError, match=r"spd.eval.tau_floor is a speed-up over lossless SD and must be a "
+                                             r"number > 1"):
             eval_tau_floor(_compose("spd_demo", [f"spd.eval.tau_floor={bad}"]))
 
 

@@ -167,7 +167,8 @@ def report(pick: dict | None, rows: list[dict], tol: float, source, stage: str =
     fastest = pick_threshold(rows, tol) if tau_floor is not None and pick is not None else None
     if fastest is not None:
         floor = tau_floor * lossless(rows)["tau"]
-        line += (f": the most accurate with τ ≥ {tau_floor:g}x lossless ({floor:.3f})" if pick["tau"] >= floor - 1e-12
+        reached = pick["tau"] >= floor - 1e-12
+        line += (f": the most accurate with τ ≥ {tau_floor:g}x lossless ({floor:.3f})" if reached
                  else f": none reaches τ ≥ {tau_floor:g}x lossless ({floor:.3f}), so the most τ")
         if fastest is not pick:
             line += f"; the most τ: {fastest['name']} ({100 * fastest['accuracy']:.1f}%, τ {fastest['tau']:.3f})"
@@ -227,7 +228,8 @@ def fine_window(rows: list[dict], pick: dict | None, points: int = 5, min_run: i
 def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float = 0.01, grid=COARSE_GRID,
               refine_points: int = 4, fine_rows: list[dict] | None = None, fine_points: int = 5,
               fine_tol: float | None = None, min_runs=(1,), stop_at_bar: bool = True, cliff_steps: int = 4,
-              tau_floor: float | None = None, climb_steps: int = 4, **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
+              tau_floor: float | None = None, climb_steps: int = 4,
+              **eval_kwargs) -> tuple[dict | None, list[dict], list[dict]]:
     """Sweep reject_all and the judge at ``grid`` (behind each run gate of ``min_runs``; 1 = none)
     on the calibration ``rows`` and pick the (threshold, min_run) pair.
 
@@ -292,7 +294,8 @@ def calibrate(draft, target, judge, tokenizer, rows: list[dict], *, tol: float =
             if silent is not None and t >= silent["setting"]:
                 results.append(reused(silent, t))  # free, and keeps pick_threshold's tie-break
                 continue
-            if stop and stop_at_bar and any(r["accuracy"] >= bar for r in _judge_rows(results, gate) if r["setting"] < t):
+            below = (r for r in _judge_rows(results, gate) if r["setting"] < t)
+            if stop and stop_at_bar and any(r["accuracy"] >= bar for r in below):
                 break
             row = evaluate([judge_rule(t, gate)], draft, target, judge, tokenizer, data, **eval_kwargs)[0]
             results.append(row)
