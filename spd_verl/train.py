@@ -130,6 +130,19 @@ def eval_tau_floor(cfg) -> float | None:
     return None if floor is None else float(floor)
 
 
+def eval_proxy_more(cfg) -> int:
+    """``spd.eval.proxy_more`` (null = 0): with ``spd.eval.tau_floor``, while no calibrated judge
+    reaches the floor at the bar, calibrate the swap proxy's next-ranked judge, up to this many more."""
+    from omegaconf import OmegaConf
+
+    more = OmegaConf.select(cfg, "spd.eval.proxy_more", default=None)
+    if more is None:
+        return 0
+    if isinstance(more, bool) or not isinstance(more, int) or more < 0:
+        raise ValueError(f"spd.eval.proxy_more must be an integer >= 0 or null, got {more!r}")
+    return more
+
+
 def eval_batch_size(cfg) -> int:
     """Prompts per generate call of the held-out evaluation and its calibration:
     ``spd.eval.batch_size``, or spd-eval's 32 when null. On a CPU the tiny demo models decode the
@@ -204,9 +217,10 @@ def eval_proxy(cfg) -> tuple[int | None, int, float]:
 
 
 def proxy_preselect(judges: list[tuple[int, Path]], draft, target, tokenizer, rows: list[dict], kw: dict,
-                    keep: int, budget: float) -> tuple[list[tuple[int, Path]], list[dict]]:
+                    keep: int, budget: float) -> tuple[list[tuple[int, Path]], list[dict], list[tuple[int, Path]]]:
     """The ``keep`` judges of ``judges`` ((step, dir), in step order) that the swap proxy ranks
-    highest (ties: the later), in their order, and every judge's score (a record for the JSON)."""
+    highest (ties: the later), in their order, every judge's score (a record for the JSON), and the
+    other judges, best-ranked first (``spd.eval.proxy_more`` draws on them)."""
     from spd_verl.eval.data import load_eval_judge
     from spd_verl.eval.swap_proxy import build_swap_bank, judge_logits, swap_score
 
@@ -219,11 +233,12 @@ def proxy_preselect(judges: list[tuple[int, Path]], draft, target, tokenizer, ro
     for step, path in judges:
         score = swap_score(judge_logits(load_eval_judge(path, target), bank), bank, budget)
         scores.append(dict(step=step, judge=str(path), score=score))
-    top = sorted(range(len(judges)), key=lambda i: (scores[i]["score"], i), reverse=True)[:keep]
+    ranked = sorted(range(len(judges)), key=lambda i: (scores[i]["score"], i), reverse=True)
+    top = ranked[:keep]
     print("| judge | swap proxy | calibrated |\n| --- | --- | --- |\n" + "\n".join(
         f"| {_judge_label(path)} | {r['score']:.3f} | {'yes' if i in top else ''} |"
         for i, ((_, path), r) in enumerate(zip(judges, scores))), flush=True)
-    return [judges[i] for i in sorted(top)], scores
+    return [judges[i] for i in sorted(top)], scores, [judges[i] for i in ranked[keep:]]
 
 
 def rollout_min_run(cfg) -> int:
@@ -255,6 +270,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     of the fine calibration file, else of the calibration file).
     ``out_json``: every table printed, as JSON, with each phase's wall time (``eval_seconds``)."""
     from spd_verl.eval.calibrate import calibrate, pick_threshold, reports
+    from spd_verl.eval.pareto import lossless
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate, judge_rule
@@ -288,13 +304,16 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                              f"{calibration_file}")
         judges = [*earlier, (_step_of(judge_dir), judge_dir)]
         keep, proxy_problems, budget = eval_proxy(cfg)
+        reserve = []
         if keep is not None and len(judges) > keep:
-            judges, record["swap_proxy"] = proxy_preselect(
+            judges, record["swap_proxy"], reserve = proxy_preselect(
                 judges, draft, target, tokenizer, (fine_rows or calib_rows)[:proxy_problems], kw, keep, budget)
             seconds["swap_proxy"], t0 = time.time() - t0, time.time()
+        reserve = reserve[:eval_proxy_more(cfg)] if tau_floor is not None else []
         earlier = [j for j in judges if j[1] != judge_dir]  # calibrated besides the last judge (or instead)
-        candidates, chosen = [], None
-        for _, path in judges:
+        candidates, chosen, queue = [], None, list(judges)
+        while queue:
+            _, path = queue.pop(0)
             candidate = last if path == judge_dir else load_eval_judge(path, target)
             if earlier:
                 print(f"calibrating the judge {path}", flush=True)
@@ -310,6 +329,14 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
             candidates.append(dict(judge=str(path), pick=pick, fastest=fastest, coarse=coarse, fine=fine))
             if chosen is None or _pick_tau(fastest) >= _pick_tau(chosen["fastest"]):
                 chosen, judge = candidates[-1], candidate
+            floor = None if tau_floor is None else tau_floor * lossless(fine or coarse)["tau"]
+            if not queue and reserve and _pick_tau(chosen["fastest"]) < floor:
+                # No judge calibrated so far reaches the floor at the bar: the proxy's next one may
+                # (README: Evaluation, the speed-up floor; session 25 measured it on five weak runs).
+                queue.append(reserve.pop(0))
+                earlier = earlier or [queue[0]]
+                print(f"no judge so far reaches τ {floor:.3f} ({tau_floor:g}x lossless) at the bar: "
+                      f"calibrating the proxy's next judge, {_judge_label(queue[0][1])}", flush=True)
         pick = chosen["pick"]
         if earlier:
             print(f"chosen judge: {_judge_label(chosen['judge'])}" + ("" if pick is None else
@@ -415,6 +442,7 @@ def main(argv=None) -> int:
         eval_min_runs(cfg, eval_gamma(cfg))  # a bad eval setting fails now, not after training
         eval_fine_tol(cfg)
         eval_tau_floor(cfg)
+        eval_proxy_more(cfg)
         eval_batch_size(cfg)
         eval_workers(cfg)
         eval_judges(cfg, [])

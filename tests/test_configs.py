@@ -105,10 +105,10 @@ def test_eval_tau_floor_setting():
 
 def test_demo_chooses_the_step_with_the_swap_proxy():
     """The demo saves a judge every 5 steps, scores all on the swap proxy and calibrates the best two."""
-    from spd_verl.train import eval_judges, eval_proxy
+    from spd_verl.train import eval_judges, eval_proxy, eval_proxy_more
 
     cfg = _compose("spd_demo")
-    assert cfg.trainer.save_freq == 5 and eval_proxy(cfg) == (2, 400, 0.025)
+    assert cfg.trainer.save_freq == 5 and eval_proxy(cfg) == (2, 400, 0.025) and eval_proxy_more(cfg) == 2
     exports = [(s, f"global_step_{s}/judge") for s in range(5, 65, 5)]
     assert eval_judges(cfg, exports) == exports
     with pytest.raises(ValueError, match=r"spd.eval.proxy_keep must be an integer >= 1 or null"):

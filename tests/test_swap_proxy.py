@@ -109,15 +109,12 @@ def test_judge_logits_match_one_sequence_at_a_time(bank_world):
     assert swap_score(bank.harmful.float(), bank) <= swap_score(batched, bank) < 1.0
 
 
-def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world, tmp_path, capsys):
-    """spd.eval.proxy_keep = k: every candidate judge is scored on the swap bank, only the top k are
-    calibrated; the record keeps every score."""
-    import json
-
+def _three_judges(bank_world, tmp_path):
+    """Judges saved at steps 10, 20, 30 (10 and 30 the same flat judge, 20 one that ranks), test and
+    val files, and a config that calibrates the proxy's top one."""
     from omegaconf import OmegaConf
 
     from spd_verl.scoring_model import export_judge
-    from spd_verl.train import held_out_eval
 
     w = bank_world
     flat = ScoringModel.from_backbone(w["draft"])  # one logit everywhere: ties go to the harmful swaps
@@ -135,6 +132,17 @@ def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world,
                                             num_speculative_tokens=GAMMA)),
         data=dict(max_response_length=MAX_NEW), spd=dict(eval=dict(proxy_keep=1, proxy_problems=10,
                                                                     batch_size=64))))
+    return paths, test, val, cfg
+
+
+def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world, tmp_path, capsys):
+    """spd.eval.proxy_keep = k: every candidate judge is scored on the swap bank, only the top k are
+    calibrated; the record keeps every score."""
+    import json
+
+    from spd_verl.train import held_out_eval
+
+    paths, test, val, cfg = _three_judges(bank_world, tmp_path)
     held_out_eval(cfg, paths[30], test, None, calibration_file=val, out_json=tmp_path / "k1.json",
                   earlier=[(10, paths[10]), (20, paths[20])])
     record = json.loads((tmp_path / "k1.json").read_text())
@@ -157,6 +165,30 @@ def test_held_out_eval_calibrates_the_judges_the_proxy_ranks_highest(bank_world,
     assert "swap proxy:" not in capsys.readouterr().out
 
 
+def test_held_out_eval_calibrates_further_down_the_ranking_below_the_floor(bank_world, tmp_path, capsys):
+    """spd.eval.proxy_more = m with a tau_floor: while no calibrated judge reaches the floor at the
+    bar, the proxy's next-ranked judge is calibrated too, up to m more; without a floor, never."""
+    import json
+
+    from spd_verl.train import held_out_eval
+
+    paths, test, val, cfg = _three_judges(bank_world, tmp_path)
+    cfg.spd.eval.update(proxy_more=1, tau_floor=50.0)  # a floor no judge reaches
+    fine = tmp_path / "calib.parquet"
+    pd.read_parquet(val).to_parquet(fine)
+    earlier = [(10, paths[10]), (20, paths[20])]
+    held_out_eval(cfg, paths[30], test, None, calibration_file=val, fine_file=fine, out_json=tmp_path / "m.json",
+                  earlier=earlier)
+    record = json.loads((tmp_path / "m.json").read_text())
+    # 20 ranks first; 10 and 30 tie behind it and the tie goes to the later, so 30 is next
+    assert [c["judge"] for c in record["candidates"]] == [str(paths[20]), str(paths[30])]
+    assert "calibrating the proxy's next judge, global_step_30's judge" in capsys.readouterr().out
+    cfg.spd.eval.tau_floor = None
+    held_out_eval(cfg, paths[30], test, None, calibration_file=val, fine_file=fine, out_json=tmp_path / "n.json",
+                  earlier=earlier)
+    assert [c["judge"] for c in json.loads((tmp_path / "n.json").read_text())["candidates"]] == [str(paths[20])]
+
+
 def test_eval_proxy_settings_are_checked():
     from omegaconf import OmegaConf
 
@@ -173,6 +205,12 @@ def test_eval_proxy_settings_are_checked():
         c = OmegaConf.create(dict(spd=dict(eval={key: bad})))
         with pytest.raises(ValueError, match=msg):
             eval_proxy(c)
+    from spd_verl.train import eval_proxy_more
+
+    assert eval_proxy_more(cfg) == 0 and eval_proxy_more(OmegaConf.create(dict(spd=dict(eval=dict(proxy_more=2))))) == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="spd.eval.proxy_more must be an integer >= 0 or null"):
+            eval_proxy_more(OmegaConf.create(dict(spd=dict(eval=dict(proxy_more=bad)))))
 
 
 def test_swap_proxy_script_scores_every_saved_judge(bank_world, tmp_path, capsys):
