@@ -267,11 +267,14 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
     the most τ on the calibration set (ties: the later) is the one evaluated at its pick. With
     ``spd.eval.proxy_keep`` = k, only the k of them (the last judge included) that the swap proxy
     ranks highest are calibrated (:func:`proxy_preselect`, on the first ``spd.eval.proxy_problems``
-    of the fine calibration file, else of the calibration file).
+    of the fine calibration file, else of the calibration file). With ``spd.eval.tau_floor`` each judge
+    is deployed at its speed-up floor (:func:`spd_verl.eval.calibrate.calibrate`) but they still compare
+    by their most-τ picks, and while none reaches the floor at the bar, up to ``spd.eval.proxy_more``
+    more judges are calibrated in the proxy's order.
     ``out_json``: every table printed, as JSON, with each phase's wall time (``eval_seconds``)."""
     from spd_verl.eval.calibrate import calibrate, pick_threshold, reports
-    from spd_verl.eval.pareto import lossless
     from spd_verl.eval.data import eos_token_id, load_causal_lm, load_eval_judge, load_rows, load_tokenizer
+    from spd_verl.eval.pareto import lossless
     from spd_verl.eval.report import format_table
     from spd_verl.eval.sweep import Rule, evaluate, judge_rule
     from spd_verl.spd import RejectAll
