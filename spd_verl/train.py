@@ -318,7 +318,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
         while queue:
             _, path = queue.pop(0)
             candidate = last if path == judge_dir else load_eval_judge(path, target)
-            if earlier:
+            if earlier or candidates:
                 print(f"calibrating the judge {path}", flush=True)
             pick, coarse, fine = calibrate(draft, target, candidate, tokenizer, calib_rows, tol=CALIBRATION_TOL,
                                            fine_rows=fine_rows, fine_tol=fine_tol, min_runs=min_runs,
@@ -337,11 +337,11 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                 # No judge calibrated so far reaches the floor at the bar: the proxy's next one may
                 # (README: Evaluation, the speed-up floor; session 25 measured it on five weak runs).
                 queue.append(reserve.pop(0))
-                earlier = earlier or [queue[0]]
                 print(f"no judge so far reaches τ {floor:.3f} ({tau_floor:g}x lossless) at the bar: "
                       f"calibrating the proxy's next judge, {_judge_label(queue[0][1])}", flush=True)
         pick = chosen["pick"]
-        if earlier:
+        several = bool(earlier) or len(candidates) > 1  # a judge other than the last one was calibrated
+        if several:
             print(f"chosen judge: {_judge_label(chosen['judge'])}" + ("" if pick is None else
                   f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)
         record.update(judge=chosen["judge"], last_judge=str(judge_dir),
@@ -349,7 +349,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                       fine_tol=fine_tol, tau_floor=tau_floor, calibration_pick=pick,
                       calibration_coarse=chosen["coarse"],
                       calibration_fine=chosen["fine"])
-        if earlier:
+        if several:
             record["candidates"] = [{k: c[k] for k in ("judge", "pick", "coarse", "fine")} for c in candidates]
         seconds["calibration"], t0 = time.time() - t0, time.time()
     test_rows = load_rows(test_file, limit)

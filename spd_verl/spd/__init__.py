@@ -7,7 +7,7 @@ from .policies import (FEATURE_NAMES, NUM_FEATURES, AcceptAll, BernoulliPolicy, 
 
 __all__ = [
     "SpeculativeDecoder", "SDResult", "LosslessResult", "DecisionRecord", "decision_tensors", "Policy",
-    "DecisionContext", "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy", "TypicalPolicy", "RunGated",
-    "run_gated",
+    "DecisionContext", "RejectAll", "AcceptAll", "ThresholdPolicy", "BernoulliPolicy", "TargetProbPolicy",
+    "TypicalPolicy", "RunGated", "run_gated",
     "FEATURE_NAMES", "NUM_FEATURES",
 ]
