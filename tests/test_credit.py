@@ -154,6 +154,39 @@ def test_decision_credit_gated_run_pays_the_tokens_an_accept_keeps():
         _credit(harmless, [5, 7, 3, 10, 1, 2], {k: v for k, v in records.items() if k != "runs"}, **cfg)
 
 
+def test_decision_credit_policy_rest():
+    # Response "5 7 3 #### 1 2" (right), decisions at 0 (accepted 5) and 2 (accepted 3) that kept 3 and 1
+    # draft tokens. With rest='policy' the rollout is every taken branch and only the flipped ones are
+    # requested, with the rollout's own sampling params; a continuation's accepts count in its reward.
+    response = [5, 7, 3, 10, 1, 2]
+    records = {"positions": [0, 2], "draft_tokens": [5, 3], "target_tokens": [6, 4], "actions": [1, 1],
+               "runs": [3, 1]}
+    calls = []
+
+    async def generate(prompt_ids, params):
+        calls.append((prompt_ids, params))
+        if prompt_ids[-1] == 6:  # the policy, after the target's 6, accepts once more (2 tokens) and stays right
+            return Continuation([7, 3, 10, 1, 2], mismatches=2, truncated=False, accepted=1, run_tokens=2)
+        return Continuation([10, 9], mismatches=0, truncated=False)  # after the target's 4: wrong
+
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 96}
+    out = _credit(generate, response, records, kind="gated_run", rest="policy", policy_params=sampling)
+    # rollout: right, 4 of 6 tokens bought (1 + 0.5 * 4/6). Flipped at 0: right, 2 of 6 bought; at 2: wrong.
+    assert out == {0: pytest.approx(0.5 * 4 / 6 - 0.5 * 2 / 6), 2: pytest.approx(1 + 0.5 * 4 / 6)}
+    assert [c[0] for c in calls] == [[0, 0, 6], [0, 0, 5, 7, 4]]
+    assert all(p == {"temperature": 1.0, "top_p": 1.0, "max_tokens": m} for (_, p), m in zip(calls, (7, 5)))
+    # The lossless rest re-decodes decision 0's taken branch instead (an accept came after it).
+    calls.clear()
+    lossless = _credit(generate, response, records, kind="gated_run")
+    assert [c[0] for c in calls] == [[0, 0, 5], [0, 0, 6], [0, 0, 5, 7, 4]]
+    assert lossless[0] == pytest.approx(0 - (1 + 0.5 * 2 / 6))  # taken "5 #### 9" is wrong there
+    assert all(p["spd_policy"] == "reject_all" for _, p in calls)
+    with pytest.raises(ValueError, match="rest='policy' needs the rollout's sampling params"):
+        _credit(generate, response, records, kind="gated_run", rest="policy")
+    with pytest.raises(ValueError, match="spd.credit.rest must be one of"):
+        CreditConfig(branches=1, rest="greedy")
+
+
 def test_soft_risk_and_number_tokens():
     tok = types.SimpleNamespace(get_vocab=lambda: {"Ġ12": 0, "▁3": 1, "7": 2, "gets": 3, ":": 4, "Ġ": 5, "x1": 6})
     assert number_token_ids(tok) == frozenset({0, 1, 2})

@@ -5,7 +5,8 @@ world (subprocesses; the slowest tests of the suite, ~2-3 min per run on 2 cores
    ``spd.credit.soft_coef=1.0``, centred): SPD and credit metrics logged (train and validation), rollout
    log-probs replayed exactly by the actor at step 1, a non-zero gradient, a loadable judge export
    at each checkpoint, verl's synchronous checkpoint layout;
-2. a resumed run (lr 0, plain GRPO) continues at step 3 from the step-2 checkpoint with the same judge weights.
+2. a resumed run (lr 0; the credit's branches continued by the policy, ``spd.credit.rest=policy``)
+   continues at step 3 from the step-2 checkpoint with the same judge weights.
 """
 
 from __future__ import annotations
@@ -105,10 +106,11 @@ def test_resume_continues_at_next_step_with_same_judge(first_run, tiny_world):
     proc, records = run_main_ppo(tiny_world, out, "trainer.total_training_steps=3", "trainer.total_epochs=2",
                                  "actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.checkpoint.load_contents=[model]",
                                  "trainer.val_before_train=false", "trainer.test_freq=-1",
-                                 "spd.credit.branches=0")
+                                 "spd.credit.branches=2", "spd.credit.rest=policy")
     assert proc.returncode == 0, _fail_message(proc)
     assert "Resuming from" in proc.stdout + proc.stderr
     assert [r["step"] for r in records] == [3]
+    assert 0 < records[0]["data"]["spd/credit_branches_per_seq"] <= 2  # the policy's branches reached the trainer
     assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     before = load_judge(out / "ckpt" / "global_step_2" / "judge").state_dict()
     after = load_judge(out / "ckpt" / "global_step_3" / "judge").state_dict()

@@ -133,7 +133,8 @@ class SPDAgentLoop(SingleTurnAgentLoop):
                              f"log-probs for a response of {length} tokens")
         if float(sampling_params.get("temperature", 0.0)) > 0:  # training rollouts only
             soft_terms: dict[int, float] = {}
-            credit = await self._decision_credit(output, records, kwargs, target_logprobs, soft_terms)
+            credit = await self._decision_credit(output, records, kwargs, target_logprobs, soft_terms,
+                                                  sampling_params)
             if credit is not None:
                 fields[CREDIT_KEY] = [float(credit.get(p, 0.0)) for p in range(length)]
                 centre = credit_config_from(self.config).soft_center
@@ -151,7 +152,7 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         return SPDAgentLoopOutput(**data, **fields, extra_fields=extra)
 
     async def _decision_credit(self, output, records: dict, kwargs: dict, target_logprobs,
-                               soft_terms: dict) -> dict[int, float] | None:
+                               soft_terms: dict, sampling_params: dict) -> dict[int, float] | None:
         cfg = credit_config_from(self.config)
         if not cfg.branches:
             return None
@@ -163,8 +164,10 @@ class SPDAgentLoop(SingleTurnAgentLoop):
         async def generate(prompt_ids, sampling_params) -> Continuation:
             out = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
                                                      sampling_params=sampling_params)
-            return Continuation(list(out.token_ids), int(out.extra_fields["spd_mismatches"]),
-                                bool(out.extra_fields["spd_truncated"]), out.extra_fields.get(TARGET_LOGPROBS_KEY))
+            extra = out.extra_fields
+            return Continuation(list(out.token_ids), int(extra["spd_mismatches"]), bool(extra["spd_truncated"]),
+                                extra.get(TARGET_LOGPROBS_KEY), accepted=int(extra["spd_accepted_mismatches"]),
+                                run_tokens=int(extra["spd_accepted_run_tokens"]))
 
         # Which decisions get branched: a function of the rollout itself, so a run is repeatable.
         rng = random.Random(zlib.crc32(bytes(str(output.response_ids), "ascii")))
@@ -174,7 +177,8 @@ class SPDAgentLoop(SingleTurnAgentLoop):
             branches=cfg.branches, rng=rng, reward_cfg=reward_config_from(self.config),
             gamma=self.rollout_config.num_speculative_tokens, pick=cfg.pick, soft_coef=cfg.soft_coef,
             number_ids=self._number_ids() if cfg.soft_coef else frozenset(),
-            response_target_logprobs=target_logprobs, soft_terms=soft_terms, soft_in_delta=not cfg.soft_center)
+            response_target_logprobs=target_logprobs, soft_terms=soft_terms, soft_in_delta=not cfg.soft_center,
+            rest=cfg.rest, policy_params=dict(sampling_params))
 
     def _number_ids(self) -> frozenset[int]:
         if getattr(self, "_number_ids_cache", None) is None:

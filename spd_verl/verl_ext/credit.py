@@ -23,6 +23,18 @@ one is the rollout itself when no mismatch was accepted after the decision), bat
 server with the other requests. Decisions at the last position of the length budget are not
 branched (a flipped token there has no room for an answer).
 
+A lossless rest has no later accepts, so δ is the harm of one accept in the rollout's context,
+and harm that only builds up over several accepts (after a run of draft wording the target
+itself slips in its sums) never shows in it: δ pays those accepts +α/M while GRPO's sequence
+advantage punishes them, and the two pull apart. With ``rest: policy`` the flipped branch
+continues with the rollout's own sampled policy (the judge in the loop, its accepts counted), and
+the rollout itself is the taken branch, one draw of the same rest:
+
+    δ_i = R(rollout) − R(prefix, 1 − a_i, the policy's rest)
+
+a one-sample estimate of the decision's advantage under the current policy, as GRPO's reward
+measures it. It costs one request per branch (SD with the judge, not the target alone).
+
 A harmful accept is rare (~1-2% of accepted wordings on the demo world), so δ is mostly α/M and
 says little about *which* wordings are risky. With ``soft_coef`` > 0 each branch also reports its
 **soft risk**: the target's summed doubt ``Σ (1 − p_target(token))`` over the number tokens of its
@@ -58,6 +70,7 @@ from .keys import POLICY_PARAM
 
 CREDIT_MODES = ("add", "only")
 CREDIT_PICKS = ("uniform", "uncertain")
+CREDIT_RESTS = ("lossless", "policy")
 
 
 @dataclass
@@ -73,6 +86,11 @@ class CreditConfig:
     pick: str = field(default="uniform", metadata={"help": "which decisions to branch: 'uniform', or 'uncertain' "
                                                            "(drawn in proportion to p(1-p) at rollout time, so the "
                                                            "branches go to decisions the judge has not settled)"})
+    rest: str = field(default="lossless", metadata={"help": "how a branch continues after its decision: 'lossless' "
+                                                           "(the target's greedy text: no later accepts, two requests "
+                                                           "per branch) or 'policy' (the rollout's own sampled policy, "
+                                                           "so later accepts and the harm they add up to count; the "
+                                                           "rollout itself is the taken branch, one request per branch)"})
     soft_coef: float = field(default=0.0, metadata={"help": "weight of the soft risk: δ −= soft_coef · (risk(taken) "
                                                             "− risk(flipped)), risk = Σ (1 − p_target) over the number "
                                                             "tokens of a branch's lossless continuation; 0 = off"})
@@ -89,6 +107,8 @@ class CreditConfig:
             raise ValueError(f"spd.credit.mode must be one of {CREDIT_MODES}, got {self.mode!r}")
         if self.pick not in CREDIT_PICKS:
             raise ValueError(f"spd.credit.pick must be one of {CREDIT_PICKS}, got {self.pick!r}")
+        if self.rest not in CREDIT_RESTS:
+            raise ValueError(f"spd.credit.rest must be one of {CREDIT_RESTS}, got {self.rest!r}")
         if isinstance(self.soft_coef, bool) or not isinstance(self.soft_coef, (int, float)) or not self.soft_coef >= 0:
             raise ValueError(f"spd.credit.soft_coef must be a number >= 0, got {self.soft_coef!r}")
         if not isinstance(self.soft_center, bool):
@@ -155,6 +175,8 @@ class Continuation:
     mismatches: int   # mismatches decided (all rejected) while decoding it
     truncated: bool   # hit the length budget without finishing
     target_logprobs: list[float] | None = None  # per token; needed by the soft risk only
+    accepted: int = 0     # mismatches accepted while decoding it (a policy continuation only)
+    run_tokens: int = 0   # draft tokens those accepts kept (reward kind gated_run)
 
 
 async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_ids: list[int], records: dict,
@@ -162,11 +184,14 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
                           rng: random.Random, reward_cfg: RewardConfig, gamma: int | None = None,
                           pick: str = "uniform", soft_coef: float = 0.0, number_ids: frozenset[int] = frozenset(),
                           response_target_logprobs: list[float] | None = None,
-                          soft_terms: dict | None = None, soft_in_delta: bool = True) -> dict[int, float]:
+                          soft_terms: dict | None = None, soft_in_delta: bool = True,
+                          rest: str = "lossless", policy_params: dict | None = None) -> dict[int, float]:
     """δ for ``branches`` decisions of one rollout: {response position: δ}.
 
     ``generate(prompt_ids, sampling_params) -> Continuation`` is one server request; all requests
-    (at most 2·branches) are issued at once so the server batches them. With ``soft_coef`` > 0,
+    (at most 2·branches) are issued at once so the server batches them. ``rest="policy"``: the
+    flipped branch continues with ``policy_params`` (the rollout's own sampling params) instead of
+    losslessly, its accepts counted in its reward, and the rollout is the taken branch. With ``soft_coef`` > 0,
     δ includes the soft-risk term (module docstring), which is also written to ``soft_terms``
     {position: term} when given; it needs the continuations' and the rollout's target log-probs.
     ``soft_in_delta=False`` (soft_center) leaves the term out of δ: the trainer adds it, centred.
@@ -197,18 +222,25 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
                                   target_forwards=0, response_length=len(tokens), hit_length_cap=truncated,
                                   gamma=gamma, cfg=reward_cfg, accepted_run_tokens=run_tokens)["score"]
 
-    params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
+    if rest == "policy":
+        if policy_params is None:
+            raise ValueError("spd.credit.rest='policy' needs the rollout's sampling params to continue a branch with")
+        params = {k: v for k, v in policy_params.items() if k not in ("max_tokens", "max_new_tokens")}
+    elif rest == "lossless":
+        params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
+    else:
+        raise ValueError(f"rest must be one of {CREDIT_RESTS}, got {rest!r}")
     soft = soft_coef > 0
     if soft and (response_target_logprobs is None or not number_ids):
         raise ValueError("spd.credit.soft_coef > 0 needs the rollout's target log-probs and the number token ids")
 
     async def branch(prefix, mismatches, accepted, run_tokens) -> tuple[float, float]:
-        """Reward of prefix + its lossless continuation (``mismatches``/``accepted``/``run_tokens`` so
-        far), and the continuation's soft risk (0 when off)."""
+        """Reward of prefix + its continuation (``mismatches``/``accepted``/``run_tokens`` so far; a
+        policy continuation adds its own accepts), and the continuation's soft risk (0 when off)."""
         cont = await generate(list(prompt_ids) + prefix, {**params, "max_tokens": max_tokens - len(prefix)})
         risk = soft_risk(cont.token_ids, cont.target_logprobs or [], number_ids) if soft else 0.0
-        return reward(prefix + list(cont.token_ids), mismatches + cont.mismatches, accepted, cont.truncated,
-                      run_tokens), risk
+        return reward(prefix + list(cont.token_ids), mismatches + cont.mismatches, accepted + cont.accepted,
+                      cont.truncated, None if run_tokens is None else run_tokens + cont.run_tokens), risk
 
     async def rollout(pos) -> tuple[float, float]:
         risk = soft_risk(response_ids[pos + 1:], response_target_logprobs[pos + 1:], number_ids) if soft else 0.0
@@ -225,13 +257,14 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
                              f"{response_ids[pos]}: decision records and tokens are out of step")
         head, accepted_before = list(response_ids[:pos]), sum(actions[:j])
         # gated_run: an accept in a branch buys its run (the target agrees with those draft tokens,
-        # so the lossless rest writes them too); a branch has no later accepts.
+        # so the rest writes them too); a lossless branch has no later accepts.
         runs_before = sum(bought[:j]) if bought is not None else None
         run_as = (lambda accepts: None if bought is None else runs_before + int(runs[j]) * accepts)
         # With no accepted mismatch after it, the rollout continued exactly as lossless decoding
-        # would (same tokens, same budget): the rollout itself is the "taken" branch.
+        # would (same tokens, same budget): the rollout itself is the "taken" branch. Under the
+        # policy it always is: the rollout is one draw of the policy's rest after the taken decision.
         jobs.append(branch(head + [taken], j + 1, accepted_before + a, run_as(a))
-                    if any(actions[j + 1:]) else rollout(pos))
+                    if rest == "lossless" and any(actions[j + 1:]) else rollout(pos))
         jobs.append(branch(head + [other], j + 1, accepted_before + 1 - a, run_as(1 - a)))
     values = await asyncio.gather(*jobs)  # issued together: the server batches them
     out = {}
