@@ -340,7 +340,7 @@ def held_out_eval(cfg, judge_dir: Path, test_file: Path, limit: int | None,
                 print(f"no judge so far reaches τ {floor:.3f} ({tau_floor:g}x lossless) at the bar: "
                       f"calibrating the proxy's next judge, {_judge_label(queue[0][1])}", flush=True)
         pick = chosen["pick"]
-        several = bool(earlier) or len(candidates) > 1  # a judge other than the last one was calibrated
+        several = any(c["judge"] != str(judge_dir) for c in candidates)  # not the last judge alone
         if several:
             print(f"chosen judge: {_judge_label(chosen['judge'])}" + ("" if pick is None else
                   f" at {pick['name']} (τ {pick['tau']:.3f} on the calibration set)"), flush=True)

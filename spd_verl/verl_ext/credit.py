@@ -225,7 +225,7 @@ async def decision_credit(generate, tokenizer, prompt_ids: list[int], response_i
     if rest == "policy":
         if policy_params is None:
             raise ValueError("spd.credit.rest='policy' needs the rollout's sampling params to continue a branch with")
-        params = {k: v for k, v in policy_params.items() if k not in ("max_tokens", "max_new_tokens")}
+        params = dict(policy_params)  # each branch sets its own max_tokens below
     elif rest == "lossless":
         params = {"temperature": 0.0, POLICY_PARAM: "reject_all"}
     else:
